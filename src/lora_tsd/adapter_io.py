@@ -1,0 +1,227 @@
+"""The library's own adapter format: ``tsd_adapter.safetensors`` + ``tsd_config.json``.
+
+The tensors file holds every adapter parameter and buffer (A, B, c, dash directions, selected indices,
+LoRA-Init components, phase, optimizer-step count, base fingerprint) plus the full weights of
+``modules_to_save``. The JSON holds the config, a readable summary (phase, step, selected directions per
+layer), the fingerprints of the base weights the adapter was trained on, and the tensors file's SHA-256.
+Loading checks the checksum, the layer set, the shapes and the base fingerprints before touching the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .atomic import atomic_write, atomic_write_json, file_sha256
+from .config import TSDConfig
+from .errors import AdapterFormatError, BaseMismatchError, ConfigError, TSDError
+from .fingerprint import fingerprint_hex
+from .layer import PHASE_NAMES, TSDLinear
+from .model import _attach_layers, require_adapters, saved_modules
+
+TENSORS_FILE = "tsd_adapter.safetensors"
+CONFIG_FILE = "tsd_config.json"
+FORMAT_NAME = "lora-tsd-adapter"
+FORMAT_VERSION = 1
+SAVED_PREFIX = "modules_to_save."
+
+
+def _layer_state(layer: TSDLinear) -> dict[str, torch.Tensor]:
+    """The layer's adapter tensors (everything but the base layer's own weights)."""
+    return {k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of ``model`` keyed ``<layer name>.<tensor>``, plus ``modules_to_save`` weights."""
+    layers = require_adapters(model, "adapter_state_dict")
+    config = layers[0][1].config
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        for key, value in _layer_state(layer).items():
+            out[f"{name}.{key}"] = value
+    for name, module in saved_modules(model, config):
+        for key, value in module.state_dict().items():
+            out[f"{SAVED_PREFIX}{name}.{key}"] = value
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (created if needed; files replaced atomically).
+
+    Returns the directory. Refuses a merged model (its base weights no longer match the fingerprints).
+    """
+    layers = require_adapters(model, "save_adapter")
+    config: TSDConfig = layers[0][1].config
+    if any(layer._merged for _, layer in layers):
+        raise ConfigError("the model is merged; call lora_tsd.unmerge(model) before save_adapter")
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    first = layers[0][1]
+    summary: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "lora_tsd_version": __version__,
+        "base_model": base_model_name or _base_model_name(model),
+        "config": config.to_dict(),
+        "phase": PHASE_NAMES[int(first.phase)],
+        "optimizer_step": int(first.step),
+        "layers": {name: _layer_summary(layer) for name, layer in layers},
+        "modules_to_save": [name for name, _ in saved_modules(model, config)],
+        "tensors_sha256": file_sha256(directory / TENSORS_FILE),
+    }
+    atomic_write_json(directory / CONFIG_FILE, summary)
+    return directory
+
+
+def _layer_summary(layer: TSDLinear) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "shape": [layer.out_features, layer.in_features],
+        "base_type": type(layer.base_layer).__name__,
+        "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
+        "base_fingerprint": fingerprint_hex(layer.base_fingerprint),
+    }
+    if layer.config.dash_size:
+        info["dash_directions"] = layer.dash_idx.tolist()
+    if layer.config.init_size:
+        info["init_directions"] = layer.init_idx.tolist()
+    return info
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``tsd_config.json`` of an adapter directory, with format checks."""
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise AdapterFormatError(f"adapter directory {str(directory)!r} does not exist")
+    if not path.is_file():
+        raise AdapterFormatError(f"{path} is missing: {str(directory)!r} is not a lora-tsd adapter directory")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFormatError(f"{path} is not valid JSON ({err}); the file is corrupt or truncated") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise AdapterFormatError(f"{path} is not a lora-tsd adapter config (format field missing or wrong)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterFormatError(f"{path} has format_version {meta.get('format_version')!r}; this lora-tsd "
+                                 f"reads version {FORMAT_VERSION}")
+    return meta
+
+
+def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach the adapter saved in ``directory`` to ``base_model`` (in place) and return the model.
+
+    The base model must carry the same weights the adapter was trained on (checked by fingerprint, before
+    anything is modified); init-style adapters saved after their switch re-create the residual base
+    weight. Training can continue: the phase, step count and selected directions come back with it.
+    """
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    try:
+        config = TSDConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ConfigError) as err:
+        raise AdapterFormatError(f"{directory / CONFIG_FILE}: invalid config: {err}") from None
+    tensors = _read_tensors(directory, meta)
+    requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+    _attach_layers(base_model, config)
+    try:
+        layers = dict(require_adapters(base_model, "load_adapter"))
+        _check_layer_set(layers, meta, directory)
+        _check_fingerprints(layers, meta, tensors)
+        for name, layer in layers.items():
+            _load_layer(name, layer, tensors)
+        _load_saved_modules(base_model, config, tensors, directory)
+    except TSDError:
+        _detach(base_model, requires_grad)  # leave the caller's model as it was given
+        raise
+    # Only now, with every check passed, may base weights change.
+    for layer in layers.values():
+        if layer.config.init_size and layer.is_switched:
+            layer.remove_init_components()
+    return base_model
+
+
+def _read_tensors(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = directory / TENSORS_FILE
+    if not path.is_file():
+        raise AdapterFormatError(f"{path} is missing")
+    expected = meta.get("tensors_sha256")
+    if expected is not None and file_sha256(path) != expected:
+        raise AdapterFormatError(f"{path} does not match the checksum recorded in {CONFIG_FILE}: the file is "
+                                 "truncated, corrupt or was modified")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFormatError(f"{path} cannot be read as safetensors: {err}") from None
+
+
+def _check_layer_set(layers: dict[str, TSDLinear], meta: dict[str, Any], directory: Path) -> None:
+    saved = set(meta.get("layers", {}))
+    missing, extra = sorted(saved - set(layers)), sorted(set(layers) - saved)
+    if missing or extra:
+        raise AdapterFormatError(
+            f"the adapter in {directory} does not fit this model: adapter layers not in the model: "
+            f"{missing[:5] or 'none'}; model layers not in the adapter: {extra[:5] or 'none'}")
+
+
+def _check_fingerprints(layers: dict[str, TSDLinear], meta: dict[str, Any], tensors: dict) -> None:
+    mismatched = []
+    for name, layer in layers.items():
+        saved = tensors.get(f"{name}.base_fingerprint")
+        if saved is None:
+            raise AdapterFormatError(f"tensor {name}.base_fingerprint is missing from the adapter")
+        if not torch.equal(saved.cpu(), layer.base_fingerprint.cpu()):
+            mismatched.append(name)
+    if mismatched:
+        raise BaseMismatchError(
+            f"the base model's weights differ from the ones the adapter was trained on in {len(mismatched)} of "
+            f"{len(layers)} layers (e.g. {', '.join(mismatched[:3])}); adapter base model: "
+            f"{meta.get('base_model')!r}. Load the same base checkpoint (and dtype) the adapter was trained on.")
+
+
+def _load_layer(name: str, layer: TSDLinear, tensors: dict[str, torch.Tensor]) -> None:
+    expected = _layer_state(layer)
+    state = {}
+    for key, ref in expected.items():
+        full = f"{name}.{key}"
+        if full not in tensors:
+            raise AdapterFormatError(f"tensor {full} is missing from the adapter")
+        value = tensors[full]
+        if value.shape != ref.shape:
+            raise AdapterFormatError(f"tensor {full} has shape {tuple(value.shape)}, the model expects "
+                                     f"{tuple(ref.shape)} (different r, s or layer size?)")
+        state[key] = value
+    missing, unexpected = layer.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected  # state holds only keys the layer declared
+    assert all(k.startswith("base_layer.") for k in missing), missing
+
+
+def _load_saved_modules(model: nn.Module, config: TSDConfig, tensors: dict, directory: Path) -> None:
+    for name, module in saved_modules(model, config):
+        prefix = f"{SAVED_PREFIX}{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise AdapterFormatError(f"saved module {name!r} in {directory} does not fit the model: {err}") from None
+
+
+def _detach(model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Remove freshly attached adapter layers after a failed load (base weights untouched until then)."""
+    for name, layer in require_adapters(model, "_detach"):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(name, True))

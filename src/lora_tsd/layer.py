@@ -1,0 +1,233 @@
+"""One adapted layer: :class:`TSDLinear` wraps a base ``nn.Linear`` or HF ``Conv1D`` (composition, like PEFT's
+``base_layer``) and adds the LoRA product and the LoRA-Dash term.
+
+Forward (method.md §3)::
+
+    y = base(x) + (α/r)·B A drop(x) + U_s diag(c) V_sᵀ drop(x)
+
+computed as one rank-(r+s) pair ``[(α/r)B, U_s·c] @ ([A; V_sᵀ] @ drop(x))``: two thin matmuls, never an
+``(out, in)`` matrix. Before the switch ``U_s`` and ``V_s`` are zero, so the dash term is exactly zero and
+``c`` receives a zero gradient; ``c`` exists from the start so it sits in the optimizer from step 0.
+
+All state that decides behaviour (phase, optimizer-step count, selected indices, dash directions, the
+components LoRA-Init moved out of the base weight, whether the layer is merged, the fingerprint of the
+original base weight) lives in parameters or registered buffers, so ``state_dict`` round-trips it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TSDConfig
+from .directions import ThinSVD
+from .fingerprint import FINGERPRINT_BYTES, fingerprint_tensor, weight_fingerprint
+
+try:  # HF GPT-2 style layer: weight stored (in, out), y = x @ W + b.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency; keep the layer usable without it
+    Conv1D = ()
+
+PHASE_PRELAUNCH = 0
+PHASE_SWITCHED = 1
+PHASE_NAMES = {PHASE_PRELAUNCH: "prelaunch", PHASE_SWITCHED: "switched"}
+
+ADAPTABLE_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer type :class:`TSDLinear` can wrap."""
+    return isinstance(module, ADAPTABLE_TYPES)
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of an adaptable layer, whatever its storage layout."""
+    n_rows, n_cols = module.weight.shape
+    return (n_cols, n_rows) if _is_conv1d(module) else (n_rows, n_cols)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return isinstance(Conv1D, type) and isinstance(module, Conv1D)
+
+
+class TSDLinear(nn.Module):
+    """A base linear layer with a LoRA / LoRA-Dash / LoRA-Init adapter.
+
+    Args:
+        base_layer: ``nn.Linear`` (weight ``(out, in)``) or HF ``Conv1D`` (weight ``(in, out)``).
+        config: the adapter's :class:`TSDConfig` (static hyper-parameters, shared by all layers).
+        layer_seed: seeds this layer's initialization of A, so attach is deterministic per layer.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: TSDConfig, layer_seed: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.layer_seed = layer_seed
+        self.out_features, self.in_features = base_shape(base_layer)
+        r, s, ri = config.r, config.dash_size, config.init_size
+        device = base_layer.weight.device
+        # Adapter tensors stay fp32 whatever the base dtype (as PEFT's autocast_adapter_dtype), so small
+        # updates are not rounded away in bf16/fp16 models.
+        self.lora_A = nn.Parameter(self._fresh_A(r, device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.dash_c = nn.Parameter(torch.zeros(s, device=device)) if s else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+        self.register_buffer("phase", torch.tensor(PHASE_PRELAUNCH, dtype=torch.int64, device=device))
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64, device=device))
+        self.register_buffer("merged", torch.tensor(False, device=device))
+        self.register_buffer("base_fingerprint", torch.zeros(FINGERPRINT_BYTES, dtype=torch.uint8))
+        if s:
+            self.register_buffer("dash_U", torch.zeros(self.out_features, s, device=device))
+            self.register_buffer("dash_V", torch.zeros(self.in_features, s, device=device))
+            self.register_buffer("dash_idx", torch.full((s,), -1, dtype=torch.int64, device=device))
+        if ri:
+            self.register_buffer("init_idx", torch.full((ri,), -1, dtype=torch.int64, device=device))
+            self.register_buffer("init_B0", torch.zeros(self.out_features, ri, device=device))
+            self.register_buffer("init_A0", torch.zeros(ri, self.in_features, device=device))
+        # A forward-time mirror of the ``merged`` buffer: reading a GPU bool buffer in every forward would
+        # force a device sync. It is derived state, refreshed wherever the buffer changes.
+        self._merged = False
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def _fresh_A(self, rows: int, device: torch.device) -> torch.Tensor:
+        """Kaiming-uniform rows of A (as ``nn.Linear``/PEFT), from this layer's own seeded generator."""
+        gen = torch.Generator().manual_seed(self.layer_seed)
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5) on an (r, in) matrix
+        return (torch.rand(rows, self.in_features, generator=gen) * 2 - 1).mul_(bound).to(device)
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight parameter (its own storage layout), for code that expects ``.weight``."""
+        return self.base_layer.weight
+
+    def weight_view(self) -> torch.Tensor:
+        """The base weight as an ``(out, in)`` view sharing storage (in-place edits reach the base layer)."""
+        w = self.base_layer.weight
+        return w.T if _is_conv1d(self.base_layer) else w
+
+    @property
+    def is_switched(self) -> bool:
+        return int(self.phase) == PHASE_SWITCHED
+
+    def record_base_fingerprint(self) -> None:
+        """Store the fingerprint of the (original, pretrained) base weight in its buffer."""
+        self.base_fingerprint.copy_(fingerprint_tensor(weight_fingerprint(self.weight_view())))
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B' (out, r+s), A' (r+s, in))`` with ``B' A'`` = the adapter's update of the *current* base weight."""
+        B = self.lora_B * self.scaling
+        A = self.lora_A
+        if self.dash_c is not None:
+            B = torch.cat([B, self.dash_U * self.dash_c], dim=1)
+            A = torch.cat([A, self.dash_V.T], dim=0)
+        return B, A
+
+    def original_delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of the total change relative to the *original* pretrained weight (rank r+s+r_init).
+
+        For init-style methods the switch moved ``(α/r)·B₀A₀`` out of the base weight, so the change is
+        ``(α/r)(BA − B₀A₀) + dash``: the extra pair ``[−(α/r)B₀], [A₀]`` is appended.
+        """
+        B, A = self.factors()
+        if self.config.init_size and self.is_switched:
+            B = torch.cat([B, -self.scaling * self.init_B0], dim=1)
+            A = torch.cat([A, self.init_A0], dim=0)
+        return B, A
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self._merged:
+            return result
+        B, A = self.factors()
+        h = self.dropout(x.to(A.dtype))
+        return result + F.linear(F.linear(h, A), B).to(result.dtype)
+
+    # ---------------------------------------------------------------------------------------- switch
+
+    def apply_switch(self, svd: ThinSVD, init_idx: torch.Tensor | None, dash_idx: torch.Tensor | None) -> None:
+        """Move to the post-switch phase with the selected directions of the *current* base weight.
+
+        Args:
+            svd: thin fp32 SVD of the base weight (``(out, in)`` layout).
+            init_idx: ``(r_init,)`` directions to move into A, B (init-style methods), else ``None``.
+            dash_idx: ``(s,)`` directions that get a trainable dash coefficient, else ``None``.
+        """
+        U, S, Vh = svd
+        with torch.no_grad():
+            if dash_idx is not None:
+                idx = dash_idx.to(U.device)
+                self.dash_U.copy_(U[:, idx])
+                self.dash_V.copy_(Vh[idx].T)
+                self.dash_idx.copy_(dash_idx)
+                self.dash_c.zero_()
+            if init_idx is not None:
+                idx = init_idx.to(U.device)
+                ri = idx.numel()
+                root = torch.sqrt(S[idx] / self.scaling)  # (α/r)·B₀A₀ = U_T diag(σ_T) V_Tᵀ
+                self.init_B0.copy_(U[:, idx] * root)
+                self.init_A0.copy_(root[:, None] * Vh[idx])
+                self.init_idx.copy_(init_idx)
+                # The probe's A, B are discarded (method.md §4); rank slots beyond r_init restart as LoRA.
+                self.lora_B.zero_()
+                self.lora_B[:, :ri].copy_(self.init_B0)
+                self.lora_A.copy_(self._fresh_A(self.config.r, self.lora_A.device))
+                self.lora_A[:ri].copy_(self.init_A0)
+                self.remove_init_components()
+            self.phase.fill_(PHASE_SWITCHED)
+
+    def init_component(self) -> torch.Tensor:
+        """``(α/r)·B₀A₀ = U_T diag(σ_T) V_Tᵀ`` ``(out, in)`` fp32: what LoRA-Init moves out of the base weight."""
+        return (self.scaling * self.init_B0) @ self.init_A0
+
+    def remove_init_components(self) -> None:
+        """``W ← W − U_T diag(σ_T) V_Tᵀ``: the one place the base weight is residualized (switch and load)."""
+        w = self.weight_view()
+        with torch.no_grad():
+            w.sub_(self.init_component().to(device=w.device, dtype=w.dtype))
+
+    # ---------------------------------------------------------------------------------------- merge
+
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter's dense ``(out, in)`` fp32 update of the current base weight (for merging only)."""
+        B, A = self.factors()
+        return B.detach() @ A.detach()
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight in place; the forward then skips the adapter."""
+        if self._merged:
+            return
+        w = self.weight_view()
+        with torch.no_grad():
+            w.add_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+        self.merged.fill_(True)
+        self._merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (up to the base dtype's rounding)."""
+        if not self._merged:
+            return
+        w = self.weight_view()
+        with torch.no_grad():
+            w.sub_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+        self.merged.fill_(False)
+        self._merged = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._merged = bool(self.merged)
+
+    def extra_repr(self) -> str:
+        return (f"method={self.config.method}, r={self.config.r}, alpha={self.config.alpha}, "
+                f"dash={self.config.dash_size}, init={self.config.init_size}")

@@ -1,0 +1,178 @@
+"""When each method does what: the pre-launch → switch transition, counted in optimizer steps.
+
+Call :func:`step` once after every ``optimizer.step()``. Forward calls (evaluation, ``no_grad``,
+gradient-accumulation micro-batches, ``generate``) never count: the authors' code counts forward calls,
+which shifts its switch whenever anything but a training step runs a forward pass.
+
+At the switch, for every adapted layer: SVD of the current base weight in fp32, change rates of the
+pre-launch update ``(α/r)·BA`` (or of a probed gradient), ranking, then the method's move: dash directions
+and/or LoRA-Init (A, B re-initialized, the base weight residualized, their optimizer state reset). Base
+weights change only here and in :func:`lora_tsd.load_adapter`, through ``TSDLinear.remove_init_components``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TSDConfig
+from .directions import change_rates, select_directions, thin_svd
+from .errors import ConfigError, NonFiniteError
+from .layer import TSDLinear
+from .model import require_adapters
+
+
+def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Count one optimizer step; perform the method's switch when the pre-launch is over.
+
+    Args:
+        model: a model with TSD adapters.
+        optimizer: the optimizer that holds the adapter parameters; needed by init-style methods, whose
+            switch resets the optimizer state of A and B.
+
+    Returns:
+        True if the switch happened in this call.
+    """
+    layers = require_adapters(model, "lora_tsd.step")
+    for _, layer in layers:
+        layer.step.add_(1)
+    config = layers[0][1].config
+    first = layers[0][1]
+    if not config.spec.has_switch or first.is_switched:
+        return False
+    if config.init_estimator == "gradient":
+        raise ConfigError("init_estimator='gradient' switches before training: call "
+                          "lora_tsd.gradient_probe(model, batches, loss_fn, optimizer) before the first step")
+    if int(first.step) < config.prelaunch_steps:
+        return False
+    switch(model, optimizer)
+    return True
+
+
+def switch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    estimates: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Select directions and apply the method's switch in every adapted layer now.
+
+    Args:
+        model: a model with TSD adapters, still in the pre-launch phase.
+        optimizer: reset for A and B when the method re-initializes them.
+        estimates: per layer name, a dense ``(out, in)`` change to rank by (e.g. a probed gradient); by
+            default the layer's own pre-launch update ``(α/r)·B A``.
+    """
+    layers = require_adapters(model, "switch")
+    config: TSDConfig = layers[0][1].config
+    if any(layer.is_switched for _, layer in layers):
+        raise ConfigError("the adapters have already switched")
+    if config.spec.has_init and optimizer is None and int(layers[0][1].step) > 0:
+        raise ConfigError(f"method {config.method!r} re-initializes A and B at the switch: pass the optimizer "
+                          "to lora_tsd.step(model, optimizer) so their optimizer state is reset")
+    for index, (name, layer) in enumerate(layers):
+        init_idx, dash_idx, svd = _select_for_layer(name, layer, config, index, estimates)
+        layer.apply_switch(svd, init_idx, dash_idx)
+    if config.spec.has_init and optimizer is not None:
+        reset_optimizer_state(optimizer, [p for _, layer in layers for p in (layer.lora_A, layer.lora_B)])
+
+
+def _select_for_layer(
+    name: str,
+    layer: TSDLinear,
+    config: TSDConfig,
+    index: int,
+    estimates: dict[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
+    """Rank this layer's core directions and split the ranking into init and dash sets."""
+    try:
+        svd = thin_svd(layer.weight_view())
+    except NonFiniteError as err:
+        raise NonFiniteError(f"layer {name!r}: base {err}") from None
+    needed = config.directions_needed()
+    if config.selector == "tsd":
+        if estimates is not None:
+            delta = estimates[name]
+        else:
+            delta = (layer.lora_B.detach() * layer.scaling, layer.lora_A.detach())
+        for what, t in (("lora_B", layer.lora_B), ("lora_A", layer.lora_A), ("estimate", delta)):
+            if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
+                raise NonFiniteError(f"layer {name!r}: {what} contains NaN or inf at the switch")
+        ranking = select_directions(change_rates(layer.weight_view(), delta, config.eps, svd=svd), needed)
+    else:
+        ranking = select_directions(svd.S, needed, config.selector, seed=config.seed * 1_000_003 + index)
+    ri, s = config.init_size, config.dash_size
+    init_idx = ranking[:ri] if ri else None
+    dash_idx = None
+    if s:
+        start = ri if (ri and config.dash_placement == "next") else 0
+        dash_idx = ranking[start:start + s]
+    return init_idx, dash_idx, svd
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
+    """Forget the optimizer state (moments, step counts) of ``params``; it restarts lazily at their next step."""
+    inner = optimizer
+    while hasattr(inner, "optimizer") and not hasattr(inner, "param_groups"):
+        inner = inner.optimizer  # wrappers such as accelerate's AcceleratedOptimizer
+    state = inner.state if hasattr(inner, "state") else optimizer.state
+    for p in params:
+        state.pop(p, None)
+
+
+def gradient_probe(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, torch.Tensor]:
+    """LoRA-Init's gradient estimator (method.md §4): rank by the accumulated full-weight gradient, switch.
+
+    Runs forward/backward on ``batches`` (no optimizer step, no parameter changes), accumulating for every
+    adapted layer ``G = Σ gᵀ x`` ``(out, in)`` from the layer's input ``x`` and output gradient ``g``, then
+    switches with the change rates ``|u_iᵀ G v_i| / (σ_i + ε)``. Returns the accumulated gradients.
+
+    Args:
+        batches: any iterable; each item is passed to ``loss_fn(model, batch)``, which returns a scalar loss.
+    """
+    layers = require_adapters(model, "gradient_probe")
+    config = layers[0][1].config
+    if not config.spec.has_init or config.selector != "tsd":
+        raise ConfigError("gradient_probe ranks TSDs for init-style methods with selector 'tsd'")
+    grads = {name: torch.zeros(layer.out_features, layer.in_features, device=layer.lora_A.device)
+             for name, layer in layers}
+    handles = []
+    for name, layer in layers:
+        handles.append(layer.register_forward_hook(_gradient_hook(grads[name])))
+    n_batches = 0
+    try:
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"non-finite loss {float(loss)} in gradient probe batch {n_batches}")
+            loss.backward()
+            n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    if n_batches == 0:
+        raise ConfigError("gradient_probe got no batches")
+    switch(model, optimizer, estimates=grads)
+    return grads
+
+
+def _gradient_hook(accumulator: torch.Tensor) -> Callable:
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not output.requires_grad:
+            return
+        x = inputs[0].detach()
+
+        def on_grad(g: torch.Tensor) -> None:
+            accumulator.add_(g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float())
+
+        output.register_hook(on_grad)
+
+    return hook
