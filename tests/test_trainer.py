@@ -1,0 +1,56 @@
+"""A stock transformers.Trainer drives the switch through lora_tsd.TSDCallback, counting optimizer steps."""
+
+from __future__ import annotations
+
+import torch
+from conftest import TARGETS, tiny_llama, token_batch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import lora_tsd
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.items = [token_batch(i, batch=1)[0] for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.items[i], "labels": self.items[i]}
+
+
+class PhaseRecorder(TrainerCallback):
+    """Records (global optimizer step, adapter step counter, phase) after each step's TSDCallback ran."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        layer = lora_tsd.adapted_layers(model)[0][1]
+        self.seen.append((state.global_step, int(layer.step), int(layer.phase)))
+
+
+def test_trainer_switches_after_t_optimizer_steps(tmp_path):
+    t = 3
+    model = lora_tsd.attach(tiny_llama(), lora_tsd.TSDConfig(method="tsd", r=4, dash_directions=2,
+                                                              prelaunch_steps=t, target_modules=TARGETS["llama"]))
+    recorder = PhaseRecorder()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=5,
+        learning_rate=1e-2, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2,
+        save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(40), eval_dataset=TokenDataset(4),
+                      callbacks=[lora_tsd.TSDCallback(), recorder])
+    trainer.train()
+    # 5 optimizer steps of 4 micro-batches each, an evaluation after every step: the switch is at step t.
+    assert [s for s, _, _ in recorder.seen] == [1, 2, 3, 4, 5]
+    assert [c for _, c, _ in recorder.seen] == [1, 2, 3, 4, 5]
+    assert [p for _, _, p in recorder.seen] == [0, 0, 1, 1, 1]
+    layers = lora_tsd.adapted_layers(model)
+    assert all(layer.dash_c.abs().sum() > 0 for _, layer in layers)  # c trained after the switch
+    assert all(layer.init_idx.min() >= 0 for _, layer in layers)
+    state = trainer.optimizer.state  # A and B restarted at the switch; c kept its state from step 0
+    assert all(int(state[layer.lora_A]["step"]) == 5 - t for _, layer in layers)
+    assert all(int(state[layer.dash_c]["step"]) == 5 for _, layer in layers)
