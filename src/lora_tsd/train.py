@@ -1,0 +1,375 @@
+"""The command-line training workflow: a compact loop on ``accelerate`` with the method's switch on
+optimizer steps, evaluation, a JSONL metrics log, adapter checkpoints, and a summary at the end.
+
+Output folder layout::
+
+    <output_dir>/train_config.json   the run's TrainConfig (what `lora-tsd eval/export` read back)
+    <output_dir>/metrics.jsonl       one line per optimizer step and per evaluation
+    <output_dir>/checkpoints/step-N  adapter-only checkpoints (lora-tsd adapter format)
+    <output_dir>/adapter/            the final adapter (lora-tsd format, with the classification head)
+    <output_dir>/peft/               the same adapter as a stock PEFT LoRA adapter
+    <output_dir>/summary.json        config, data and model identity, metrics before/after, time, memory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapter_io import load_adapter, save_adapter
+from .atomic import atomic_write_json
+from .config import TSDConfig
+from .errors import ConfigError, NonFiniteError
+from .layer import PHASE_NAMES
+from .model import adapted_layers, attach, trainable_parameters
+from .peft_export import export_peft
+from .runners import EncoderClassifier, make_runner
+from .schedule import step as tsd_step
+
+RUN_MARKER = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the command line's flags and ``--config`` keys are these fields."""
+
+    model: str = "minilm"
+    task: str = "bigbench:multiemo"
+    output_dir: str = "runs/minilm-multiemo-tsd"
+    overwrite: bool = False
+    # method (TSDConfig fields)
+    method: str = "tsd"
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None
+    prelaunch_steps: int | None = None
+    dash_directions: int = 8
+    init_directions: int | None = None
+    selector: str | None = None
+    init_estimator: str = "prelaunch"
+    dash_placement: str = "shared"
+    # optimization
+    steps: int = 250
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 25
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    # data and evaluation
+    max_length: int = 128
+    max_train: int | None = None
+    max_eval: int | None = 500
+    eval_every: int = 0
+    eval_batch_size: int = 64
+    checkpoint_every: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer ≥ 0, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        self.tsd_config()  # validates the method fields now, before anything is loaded
+
+    def tsd_config(self, modules_to_save: list[str] | None = None) -> TSDConfig:
+        return TSDConfig(method=self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,
+                         target_modules=self.target_modules, prelaunch_steps=self.prelaunch_steps,
+                         dash_directions=self.dash_directions, init_directions=self.init_directions,
+                         selector=self.selector, init_estimator=self.init_estimator,
+                         dash_placement=self.dash_placement, seed=self.seed,
+                         modules_to_save=modules_to_save or [])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Create the run folder; refuse an existing non-empty one unless ``overwrite`` (and then only a run folder)."""
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite "
+                              "to replace it or choose another --output-dir")
+        if not (out / RUN_MARKER).is_file():
+            raise ConfigError(f"--overwrite refuses to delete {str(out)!r}: it is not a lora-tsd run folder "
+                              f"(no {RUN_MARKER})")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class MetricsLog:
+    """Append-only JSONL log, flushed per line so a killed run keeps everything it logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_for_run(cfg: TrainConfig):
+    """Task, model, tokenizer, model kind and runner of a run (used by train, eval and export alike).
+
+    The model name is resolved first and the (model kind, task kind) pair checked before any weights load,
+    so a typo or an impossible pair fails in seconds.
+    """
+    from transformers import AutoConfig
+
+    from .models import detect_model_kind, load_model, resolve_model
+    from .runners import check_pair
+    from .tasks import load_task
+
+    source = resolve_model(cfg.model)
+    task = load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval)
+    kind = detect_model_kind(AutoConfig.from_pretrained(source))
+    check_pair(kind, task)
+    torch.manual_seed(cfg.seed)  # the classification head's initialization
+    num_labels = len(task.labels) if task.kind == "classification" else None
+    model, tokenizer, kind = load_model(source, kind=kind, num_labels=num_labels)
+    runner = make_runner(kind, task, tokenizer, cfg.max_length)
+    return task, model, tokenizer, kind, runner
+
+
+def head_modules(model: torch.nn.Module, runner: Any) -> list[str]:
+    if not isinstance(runner, EncoderClassifier):
+        return []
+    return [name for name in runner.head_names if hasattr(model, name)]
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
+def evaluate_split(model, runner, examples, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    with autocast(cfg, device):
+        metrics = runner.evaluate(model, examples, cfg.eval_batch_size, device)
+    model.train(was_training)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int, micro_step: int) -> list[int]:
+    """Example indices of global micro-batch ``micro_step``: seeded per-epoch permutations, no state."""
+    per_epoch = max(1, n_examples // batch_size)
+    epoch, pos = divmod(micro_step, per_epoch)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return perm[pos * batch_size:(pos + 1) * batch_size].tolist()
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, evaluate and export; returns the summary (also written to ``summary.json``)."""
+    from accelerate import Accelerator
+    from transformers import get_linear_schedule_with_warmup
+
+    started = time.time()
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    atomic_write_json(out / RUN_MARKER, cfg.to_dict())
+    task, model, tokenizer, kind, runner = load_for_run(cfg)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    model.to(device)
+    say = accelerator.print
+
+    before = {"test": evaluate_split(model, runner, task.test, cfg, device)}
+    say(f"untrained {cfg.model} on {cfg.task}: test {_fmt(before['test'])}")
+
+    attach(model, cfg.tsd_config(head_modules(model, runner)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    layers = adapted_layers(core)
+    log = MetricsLog(out / "metrics.jsonl")
+    log.write({"event": "start", "trainable_parameters": trainable_parameters(core), "layers": len(layers),
+               "method": cfg.method, "prelaunch_steps": layers[0][1].config.prelaunch_steps})
+
+    train = task.train
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model.train()
+    bar = tqdm(total=cfg.steps, desc=f"{cfg.method} r={cfg.r}", disable=not (cfg.progress and
+                                                                            accelerator.is_main_process))
+    history = []
+    for opt_step in range(1, cfg.steps + 1):
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(len(train), cfg.batch_size, cfg.seed, (opt_step - 1) * cfg.grad_accum + micro)
+            mine = [train[i] for i in idx[rank::world]]
+            with autocast(cfg, device):
+                loss = runner.loss(model, mine, device) / cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"non-finite loss {float(loss)} at optimizer step {opt_step}; the last "
+                                     f"checkpoint in {out / 'checkpoints'} is intact (try a lower --lr)")
+            accelerator.backward(loss)
+            total += loss.detach().item()
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        switched = tsd_step(core, optimizer)
+        phase = PHASE_NAMES[int(layers[0][1].phase)]
+        lr = scheduler.get_last_lr()[0]
+        log.write({"event": "step", "step": opt_step, "loss": total, "lr": lr, "phase": phase})
+        if switched:
+            message = f"switch at optimizer step {opt_step}: {cfg.method} selected its directions"
+            log.write({"event": "switch", "step": opt_step, "method": cfg.method})
+            if accelerator.is_main_process:
+                bar.write(message)
+        bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", phase=phase)
+        bar.update(1)
+        if cfg.eval_every and opt_step % cfg.eval_every == 0 and opt_step < cfg.steps:
+            metrics = evaluate_split(model, runner, task.validation, cfg, device)
+            history.append({"step": opt_step, **metrics})
+            log.write({"event": "eval", "step": opt_step, "split": "validation", **metrics})
+            bar.write(f"step {opt_step}: validation {_fmt(metrics)}")
+        if cfg.checkpoint_every and opt_step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
+            save_adapter(core, out / "checkpoints" / f"step-{opt_step}", base_model_name=cfg.model)
+    bar.close()
+
+    after = {split: evaluate_split(model, runner, getattr(task, split), cfg, device)
+             for split in ("validation", "test")}
+    for split, metrics in after.items():
+        log.write({"event": "eval", "step": cfg.steps, "split": split, **metrics})
+    summary: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        save_adapter(core, out / "adapter", base_model_name=cfg.model)
+        export_peft(core, out / "peft", base_model_name=cfg.model,
+                    task_type="SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
+        summary = {
+            "lora_tsd_version": __version__,
+            "config": cfg.to_dict(),
+            "model": {"name": cfg.model, "kind": kind, "class": type(core).__name__,
+                      "adapted_layers": len(layers), "trainable_parameters": trainable_parameters(core)},
+            "data": {"task": task.name, "kind": task.kind, "labels": task.labels, "sizes": task.sizes(),
+                     "info": _jsonable(task.info)},
+            "switch_step": layers[0][1].config.prelaunch_steps if layers[0][1].config.spec.has_switch else None,
+            "phase": PHASE_NAMES[int(layers[0][1].phase)],
+            "metrics_before": before,
+            "metrics_after": after,
+            "validation_history": history,
+            "wall_time_s": round(time.time() - started, 2),
+            "peak_memory_mb": _peak_memory_mb(device),
+            "outputs": {"adapter": str(out / "adapter"), "peft": str(out / "peft"),
+                        "metrics": str(out / "metrics.jsonl")},
+        }
+        atomic_write_json(out / "summary.json", summary)
+        say(f"trained {cfg.method} r={cfg.r} for {cfg.steps} steps in {summary['wall_time_s']:.0f} s: "
+            f"test {_fmt(after['test'])} (untrained {_fmt(before['test'])})")
+        say(f"outputs in {out}: adapter/, peft/ (stock PEFT LoRA), summary.json, metrics.jsonl")
+    return summary
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+# ------------------------------------------------------------------------------------------- eval / export
+
+
+def read_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    path = Path(run_dir) / RUN_MARKER
+    if not path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a lora-tsd run folder (no {RUN_MARKER}); pass the output "
+                          "directory of `lora-tsd train`")
+    return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def evaluate_run(run_dir: str | None, model: str | None = None, task: str | None = None,
+                 split: str = "test", adapter: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Score a run's adapter (or, with no run, the bare base model) on a task split."""
+    if run_dir is not None:
+        cfg = read_run_config(run_dir)
+        updates = {k: v for k, v in dict(model=model, task=task, **overrides).items() if v is not None}
+        cfg = dataclasses.replace(cfg, **updates)
+        adapter = adapter or str(Path(run_dir) / "adapter")
+    else:
+        if model is None or task is None:
+            raise ConfigError("eval needs a run folder, or both --model and --task to score the bare base model")
+        cfg = TrainConfig(model=model, task=task, **{k: v for k, v in overrides.items() if v is not None})
+    if split not in ("train", "validation", "test"):
+        raise ConfigError(f"split must be train, validation or test, got {split!r}")
+    task_obj, base, _, _, runner = load_for_run(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if adapter is not None:
+        load_adapter(base, adapter)
+    base.to(device)
+    metrics = evaluate_split(base, runner, getattr(task_obj, split), cfg, device)
+    return {"model": cfg.model, "task": cfg.task, "split": split, "adapter": adapter,
+            "examples": len(getattr(task_obj, split)), **metrics}
+
+
+def export_run(run_dir: str, out_dir: str, merged: bool = False, overwrite: bool = False) -> Path:
+    """Write a run's adapter as a stock PEFT adapter, or (``merged``) a full merged model folder."""
+    from .model import merge
+
+    cfg = read_run_config(run_dir)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite")
+    _, base, tokenizer, kind, _ = load_for_run(cfg)
+    load_adapter(base, Path(run_dir) / "adapter")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if merged:
+        plain = merge(base)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    else:
+        export_peft(base, tmp, base_model_name=cfg.model, task_type="SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
