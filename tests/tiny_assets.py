@@ -31,11 +31,13 @@ def _tokenizer(path: Path, encoder: bool) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_encoder(path: Path) -> Path:
+def make_encoder(path: Path, dropout: float = 0.1) -> Path:
+    """A tiny BERT; ``dropout=0`` makes training independent of the RNG stream (for cross-process equality)."""
     tok = _tokenizer(path, encoder=True)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+                     intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(cfg).save_pretrained(path)
     return path
 

@@ -42,15 +42,22 @@ TRAIN_HELP: dict[str, str] = {
     "warmup_steps": "linear warm-up steps",
     "max_grad_norm": "gradient clipping norm (0 disables)",
     "bf16": "bf16 autocast (CPU or GPU)",
-    "seed": "seed of splits, initialization, data order and random selectors",
+    "seed": "seed of initialization, data order, dropout and random selectors",
+    "data_seed": "seed of the train/validation/test split (fixed across training seeds so runs share a test set)",
     "max_length": "maximum tokens per sequence",
     "max_train": "cap on training examples",
     "max_eval": "cap on validation and test examples",
     "eval_every": "evaluate on the validation split every N optimizer steps (0: only at the end)",
     "eval_batch_size": "sequences per evaluation batch",
-    "checkpoint_every": "save an adapter checkpoint every N optimizer steps (0: none)",
+    "checkpoint_every": "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 are kept)",
+    "skip_nonfinite": "skip optimizer steps whose loss or gradient is NaN/inf (counted in the log) instead of stopping",
     "progress": "show a progress bar",
 }
+
+
+# `--r` is ambiguous to launchers that parse abbreviations (torchrun: --rdzv-*, --role, ...): `--rank` works
+# everywhere.
+FLAG_ALIASES = {"r": ["--rank"]}
 
 
 def _field_type(field: dataclasses.Field) -> Any:
@@ -75,17 +82,18 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     cls = _train_config()
     defaults = cls.__dataclass_fields__
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
+        flags = ["--" + field.name.replace("_", "-"), *FLAG_ALIASES.get(field.name, [])]
         default = defaults[field.name].default
         shown = "" if default is dataclasses.MISSING or default is None else f" (default: {default})"
         kind = _field_type(field)
         if kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=TRAIN_HELP[field.name] + shown)
         elif kind is list:
-            parser.add_argument(flag, dest=field.name, nargs="+", default=None, help=TRAIN_HELP[field.name])
+            parser.add_argument(*flags, dest=field.name, nargs="+", default=None, help=TRAIN_HELP[field.name])
         else:
-            parser.add_argument(flag, dest=field.name, type=kind, default=None, help=TRAIN_HELP[field.name] + shown)
+            parser.add_argument(*flags, dest=field.name, type=kind, default=None,
+                                help=TRAIN_HELP[field.name] + shown)
 
 
 def _load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -134,7 +142,10 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .train import run_training
 
     cfg = _train_config_from_args(args, parser)
-    run_training(cfg)
+    if args.resume is not None:
+        run_training(cfg, resume=True, resume_from=None if args.resume == "latest" else args.resume)
+    else:
+        run_training(cfg)
     return 0
 
 
@@ -215,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and/or --config FILE (YAML or JSON, same names); flags override the file.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", help="YAML or JSON file of options (keys as the flags, with _ or -)")
+    train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                       help="continue the run in --output-dir from its newest good checkpoint (or the given "
+                            "checkpoint folder); the run's saved options are used")
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
 

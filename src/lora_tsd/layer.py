@@ -156,34 +156,35 @@ class TSDLinear(nn.Module):
 
     # ---------------------------------------------------------------------------------------- switch
 
-    def apply_switch(self, svd: ThinSVD, init_idx: torch.Tensor | None, dash_idx: torch.Tensor | None) -> None:
+    def apply_switch(self, ranked: ThinSVD, indices: torch.Tensor, init_count: int, dash_start: int,
+                     dash_count: int) -> None:
         """Move to the post-switch phase with the selected directions of the *current* base weight.
 
         Args:
-            svd: thin fp32 SVD of the base weight (``(out, in)`` layout).
-            init_idx: ``(r_init,)`` directions to move into A, B (init-style methods), else ``None``.
-            dash_idx: ``(s,)`` directions that get a trainable dash coefficient, else ``None``.
+            ranked: the selected directions only, most important first: ``U (out, K)``, ``S (K,)``,
+                ``Vh (K, in)`` (fp32), where K = the number of directions the method needs.
+            indices: ``(K,)`` their indices in the weight's descending-σ order (recorded in buffers).
+            init_count: the first ``init_count`` directions move into A, B (init-style methods; else 0).
+            dash_start, dash_count: directions ``dash_start .. dash_start+dash_count`` get a dash coefficient.
         """
-        U, S, Vh = svd
+        U, S, Vh = ranked
         with torch.no_grad():
-            if dash_idx is not None:
-                idx = dash_idx.to(U.device)
-                self.dash_U.copy_(U[:, idx])
-                self.dash_V.copy_(Vh[idx].T)
-                self.dash_idx.copy_(dash_idx)
+            if dash_count:
+                sel = slice(dash_start, dash_start + dash_count)
+                self.dash_U.copy_(U[:, sel])
+                self.dash_V.copy_(Vh[sel].T)
+                self.dash_idx.copy_(indices[sel])
                 self.dash_c.zero_()
-            if init_idx is not None:
-                idx = init_idx.to(U.device)
-                ri = idx.numel()
-                root = torch.sqrt(S[idx] / self.scaling)  # (α/r)·B₀A₀ = U_T diag(σ_T) V_Tᵀ
-                self.init_B0.copy_(U[:, idx] * root)
-                self.init_A0.copy_(root[:, None] * Vh[idx])
-                self.init_idx.copy_(init_idx)
+            if init_count:
+                root = torch.sqrt(S[:init_count] / self.scaling)  # (α/r)·B₀A₀ = U_T diag(σ_T) V_Tᵀ
+                self.init_B0.copy_(U[:, :init_count] * root)
+                self.init_A0.copy_(root[:, None] * Vh[:init_count])
+                self.init_idx.copy_(indices[:init_count])
                 # The probe's A, B are discarded (method.md §4); rank slots beyond r_init restart as LoRA.
                 self.lora_B.zero_()
-                self.lora_B[:, :ri].copy_(self.init_B0)
+                self.lora_B[:, :init_count].copy_(self.init_B0)
                 self.lora_A.copy_(self._fresh_A(self.config.r, self.lora_A.device))
-                self.lora_A[:ri].copy_(self.init_A0)
+                self.lora_A[:init_count].copy_(self.init_A0)
                 self.remove_init_components()
             self.phase.fill_(PHASE_SWITCHED)
 

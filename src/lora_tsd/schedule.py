@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import TSDConfig
-from .directions import change_rates, select_directions, thin_svd
+from .directions import ThinSVD, change_rates, select_directions, thin_svd
 from .errors import ConfigError, NonFiniteError
 from .layer import TSDLinear
 from .model import require_adapters
@@ -59,6 +59,10 @@ def switch(
 ) -> None:
     """Select directions and apply the method's switch in every adapted layer now.
 
+    In a distributed run (``torch.distributed`` initialized) the SVDs are split across the ranks: each rank
+    decomposes and ranks every world-size-th layer, then the owners broadcast the selected directions, so
+    every rank applies exactly the same ones. Only one layer's full SVD is alive at a time per process.
+
     Args:
         model: a model with TSD adapters, still in the pre-launch phase.
         optimizer: reset for A and B when the method re-initializes them.
@@ -72,11 +76,36 @@ def switch(
     if config.spec.has_init and optimizer is None and int(layers[0][1].step) > 0:
         raise ConfigError(f"method {config.method!r} re-initializes A and B at the switch: pass the optimizer "
                           "to lora_tsd.step(model, optimizer) so their optimizer state is reset")
+    rank, world = _rank_and_world()
+    selections: dict[int, tuple[ThinSVD, torch.Tensor]] = {}
     for index, (name, layer) in enumerate(layers):
-        init_idx, dash_idx, svd = _select_for_layer(name, layer, config, index, estimates)
-        layer.apply_switch(svd, init_idx, dash_idx)
+        if index % world == rank:
+            selections[index] = _select_for_layer(name, layer, config, index, estimates)
+    ri, s = config.init_size, config.dash_size
+    dash_start = ri if (ri and s and config.dash_placement == "next") else 0
+    for index, (_, layer) in enumerate(layers):
+        ranked, indices = selections.pop(index) if index in selections else _empty_selection(layer, config)
+        if world > 1:
+            for t in (*ranked, indices):
+                torch.distributed.broadcast(t, src=index % world)
+        layer.apply_switch(ranked, indices, ri, dash_start, s)
     if config.spec.has_init and optimizer is not None:
         reset_optimizer_state(optimizer, [p for _, layer in layers for p in (layer.lora_A, layer.lora_B)])
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _empty_selection(layer: TSDLinear, config: TSDConfig) -> tuple[ThinSVD, torch.Tensor]:
+    """Receive buffers for a layer another rank decomposes."""
+    k, device = config.directions_needed(), layer.lora_A.device
+    ranked = ThinSVD(torch.empty(layer.out_features, k, device=device), torch.empty(k, device=device),
+                     torch.empty(k, layer.in_features, device=device))
+    return ranked, torch.empty(k, dtype=torch.int64, device=device)
 
 
 def _select_for_layer(
@@ -85,8 +114,8 @@ def _select_for_layer(
     config: TSDConfig,
     index: int,
     estimates: dict[str, torch.Tensor] | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
-    """Rank this layer's core directions and split the ranking into init and dash sets."""
+) -> tuple[ThinSVD, torch.Tensor]:
+    """Rank this layer's core directions; return the needed ones (most important first) and their indices."""
     try:
         svd = thin_svd(layer.weight_view())
     except NonFiniteError as err:
@@ -103,13 +132,9 @@ def _select_for_layer(
         ranking = select_directions(change_rates(layer.weight_view(), delta, config.eps, svd=svd), needed)
     else:
         ranking = select_directions(svd.S, needed, config.selector, seed=config.seed * 1_000_003 + index)
-    ri, s = config.init_size, config.dash_size
-    init_idx = ranking[:ri] if ri else None
-    dash_idx = None
-    if s:
-        start = ri if (ri and config.dash_placement == "next") else 0
-        dash_idx = ranking[start:start + s]
-    return init_idx, dash_idx, svd
+    idx = ranking.to(svd.U.device)
+    ranked = ThinSVD(svd.U[:, idx].contiguous(), svd.S[idx].contiguous(), svd.Vh[idx].contiguous())
+    return ranked, idx
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
@@ -160,6 +185,9 @@ def gradient_probe(
         model.zero_grad(set_to_none=True)
     if n_batches == 0:
         raise ConfigError("gradient_probe got no batches")
+    if _rank_and_world()[1] > 1:  # every rank probed its own data: rank by the gradient of all of it
+        for g in grads.values():
+            torch.distributed.all_reduce(g)
     switch(model, optimizer, estimates=grads)
     return grads
 

@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapter_io import load_adapter, save_adapter
-from .atomic import atomic_write_json
+from .atomic import atomic_write, atomic_write_json
+from .checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from .config import TSDConfig
 from .errors import ConfigError, NonFiniteError
 from .layer import PHASE_NAMES
@@ -70,6 +72,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bf16: bool = False
     seed: int = 0
+    data_seed: int = 0
     # data and evaluation
     max_length: int = 128
     max_train: int | None = None
@@ -77,6 +80,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int = 64
     checkpoint_every: int = 0
+    skip_nonfinite: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -158,7 +162,7 @@ def load_for_run(cfg: TrainConfig):
     from .tasks import load_task
 
     source = resolve_model(cfg.model)
-    task = load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval)
+    task = load_task(cfg.task, seed=cfg.data_seed, max_train=cfg.max_train, max_eval=cfg.max_eval)
     kind = detect_model_kind(AutoConfig.from_pretrained(source))
     check_pair(kind, task)
     torch.manual_seed(cfg.seed)  # the classification head's initialization
@@ -198,86 +202,153 @@ def batch_indices(n_examples: int, batch_size: int, seed: int, micro_step: int) 
     return perm[pos * batch_size:(pos + 1) * batch_size].tolist()
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, evaluate and export; returns the summary (also written to ``summary.json``)."""
+def _fault(point: str, step: int) -> None:
+    """Test hook: ``LORA_TSD_FAULT=<point>:<step>`` SIGKILLs this process there (kill-and-resume tests)."""
+    spec = os.environ.get("LORA_TSD_FAULT")
+    if spec and spec == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log records past the resumed checkpoint (they are replayed), keeping the file atomic."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if record.get("step", 0) <= last_step or record.get("event") == "start":
+            keep.append(line)
+    text = "".join(f"{line}\n" for line in keep)
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None = None) -> dict[str, Any]:
+    """Train, evaluate and export; returns the summary (also written to ``summary.json``).
+
+    With ``resume``, continue the run in ``cfg.output_dir`` from its newest good checkpoint (or
+    ``resume_from``): the result is bit-identical on CPU to a run that was never interrupted.
+    """
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
 
     started = time.time()
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
-    atomic_write_json(out / RUN_MARKER, cfg.to_dict())
-    task, model, tokenizer, kind, runner = load_for_run(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main_process = accelerator.is_main_process
+    if resume:
+        out = Path(cfg.output_dir)
+        cfg = dataclasses.replace(read_run_config(out), progress=cfg.progress)
+        ckpt = find_checkpoint(out, resume_from)
+    else:
+        ckpt = None
+        if main_process:
+            out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+            atomic_write_json(out / RUN_MARKER, cfg.to_dict())
+        accelerator.wait_for_everyone()
+        out = Path(cfg.output_dir)
+    task, model, tokenizer, kind, runner = load_for_run(cfg)
     device = accelerator.device
     model.to(device)
     say = accelerator.print
 
-    before = {"test": evaluate_split(model, runner, task.test, cfg, device)}
-    say(f"untrained {cfg.model} on {cfg.task}: test {_fmt(before['test'])}")
-
-    attach(model, cfg.tsd_config(head_modules(model, runner)))
+    state_meta: dict[str, Any] = {}
+    if ckpt is None:
+        before = {"test": evaluate_split(model, runner, task.test, cfg, device)}
+        say(f"untrained {cfg.model} on {cfg.task}: test {_fmt(before['test'])}")
+        attach(model, cfg.tsd_config(head_modules(model, runner)))
+    else:
+        load_adapter(model, ckpt / "adapter")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    first_step = 1
+    if ckpt is not None:
+        restored = load_trainer_state(ckpt, optimizer, scheduler)
+        state_meta, first_step = restored.meta, restored.step + 1
+        before = state_meta["metrics_before"]
+        say(f"resuming {out} from {ckpt.name} (optimizer step {restored.step})")
+    elif resume:
+        raise ConfigError(f"no checkpoint to resume from in {out / 'checkpoints'}; start the run again")
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     layers = adapted_layers(core)
     log = MetricsLog(out / "metrics.jsonl")
-    log.write({"event": "start", "trainable_parameters": trainable_parameters(core), "layers": len(layers),
-               "method": cfg.method, "prelaunch_steps": layers[0][1].config.prelaunch_steps})
+    if main_process:
+        if ckpt is None:
+            log.write({"event": "start", "trainable_parameters": trainable_parameters(core), "layers": len(layers),
+                       "method": cfg.method, "prelaunch_steps": layers[0][1].config.prelaunch_steps})
+        else:
+            _truncate_log(out / "metrics.jsonl", first_step - 1)
+    skipped = int(state_meta.get("skipped_steps", 0))
 
     train = task.train
     rank, world = accelerator.process_index, accelerator.num_processes
     model.train()
-    bar = tqdm(total=cfg.steps, desc=f"{cfg.method} r={cfg.r}", disable=not (cfg.progress and
-                                                                            accelerator.is_main_process))
-    history = []
-    for opt_step in range(1, cfg.steps + 1):
+    bar = tqdm(total=cfg.steps, initial=first_step - 1, desc=f"{cfg.method} r={cfg.r}",
+               disable=not (cfg.progress and main_process))
+    for opt_step in range(first_step, cfg.steps + 1):
+        _fault("step", opt_step)
         total = 0.0
+        finite = True
         for micro in range(cfg.grad_accum):
             idx = batch_indices(len(train), cfg.batch_size, cfg.seed, (opt_step - 1) * cfg.grad_accum + micro)
-            mine = [train[i] for i in idx[rank::world]]
+            mine = [train[i] for i in idx[rank::world]]  # every rank takes its share of the global batch
             with autocast(cfg, device):
                 loss = runner.loss(model, mine, device) / cfg.grad_accum
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"non-finite loss {float(loss)} at optimizer step {opt_step}; the last "
-                                     f"checkpoint in {out / 'checkpoints'} is intact (try a lower --lr)")
+            finite = finite and bool(torch.isfinite(loss))
             accelerator.backward(loss)
             total += loss.detach().item()
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        finite = finite and bool(torch.isfinite(torch.as_tensor(norm)))
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            if not cfg.skip_nonfinite:
+                raise NonFiniteError(f"non-finite loss or gradient at optimizer step {opt_step} (loss {total}); "
+                                     f"stopped; the checkpoints in {out / 'checkpoints'} are intact (lower --lr, "
+                                     "or --skip-nonfinite to skip such steps)")
+            skipped += 1
+            if main_process:
+                log.write({"event": "skipped", "step": opt_step, "loss": total, "skipped_steps": skipped})
+            bar.update(1)
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         switched = tsd_step(core, optimizer)
         phase = PHASE_NAMES[int(layers[0][1].phase)]
         lr = scheduler.get_last_lr()[0]
-        log.write({"event": "step", "step": opt_step, "loss": total, "lr": lr, "phase": phase})
-        if switched:
-            message = f"switch at optimizer step {opt_step}: {cfg.method} selected its directions"
+        if main_process:
+            log.write({"event": "step", "step": opt_step, "loss": total, "lr": lr, "phase": phase})
+        if switched and main_process:
             log.write({"event": "switch", "step": opt_step, "method": cfg.method})
-            if accelerator.is_main_process:
-                bar.write(message)
+            bar.write(f"switch at optimizer step {opt_step}: {cfg.method} selected its directions")
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", phase=phase)
         bar.update(1)
         if cfg.eval_every and opt_step % cfg.eval_every == 0 and opt_step < cfg.steps:
             metrics = evaluate_split(model, runner, task.validation, cfg, device)
-            history.append({"step": opt_step, **metrics})
-            log.write({"event": "eval", "step": opt_step, "split": "validation", **metrics})
-            bar.write(f"step {opt_step}: validation {_fmt(metrics)}")
-        if cfg.checkpoint_every and opt_step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
-            save_adapter(core, out / "checkpoints" / f"step-{opt_step}", base_model_name=cfg.model)
+            if main_process:
+                log.write({"event": "eval", "step": opt_step, "split": "validation", **metrics})
+                bar.write(f"step {opt_step}: validation {_fmt(metrics)}")
+        if cfg.checkpoint_every and opt_step % cfg.checkpoint_every == 0 and main_process:
+            save_checkpoint(out, opt_step, core, optimizer, scheduler, fault=_fault,
+                            extra={"model": cfg.model, "metrics_before": before, "skipped_steps": skipped})
+        accelerator.wait_for_everyone()
     bar.close()
 
     after = {split: evaluate_split(model, runner, getattr(task, split), cfg, device)
              for split in ("validation", "test")}
-    for split, metrics in after.items():
-        log.write({"event": "eval", "step": cfg.steps, "split": split, **metrics})
     summary: dict[str, Any] = {}
-    if accelerator.is_main_process:
+    if main_process:
+        for split, metrics in after.items():
+            log.write({"event": "eval", "step": cfg.steps, "split": split, **metrics})
         save_adapter(core, out / "adapter", base_model_name=cfg.model)
         export_peft(core, out / "peft", base_model_name=cfg.model,
                     task_type="SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
+        history = [{k: v for k, v in r.items() if k not in ("event", "split")} for r in _read_log(out)
+                   if r.get("event") == "eval" and r.get("split") == "validation" and r["step"] < cfg.steps]
+        config = layers[0][1].config
         summary = {
             "lora_tsd_version": __version__,
             "config": cfg.to_dict(),
@@ -285,11 +356,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                       "adapted_layers": len(layers), "trainable_parameters": trainable_parameters(core)},
             "data": {"task": task.name, "kind": task.kind, "labels": task.labels, "sizes": task.sizes(),
                      "info": _jsonable(task.info)},
-            "switch_step": layers[0][1].config.prelaunch_steps if layers[0][1].config.spec.has_switch else None,
+            "switch_step": config.prelaunch_steps if config.spec.has_switch else None,
             "phase": PHASE_NAMES[int(layers[0][1].phase)],
             "metrics_before": before,
             "metrics_after": after,
             "validation_history": history,
+            "skipped_steps": skipped,
+            "resumed_from": str(ckpt) if ckpt is not None else None,
+            "processes": world,
             "wall_time_s": round(time.time() - started, 2),
             "peak_memory_mb": _peak_memory_mb(device),
             "outputs": {"adapter": str(out / "adapter"), "peft": str(out / "peft"),
@@ -299,7 +373,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         say(f"trained {cfg.method} r={cfg.r} for {cfg.steps} steps in {summary['wall_time_s']:.0f} s: "
             f"test {_fmt(after['test'])} (untrained {_fmt(before['test'])})")
         say(f"outputs in {out}: adapter/, peft/ (stock PEFT LoRA), summary.json, metrics.jsonl")
+    accelerator.wait_for_everyone()
     return summary
+
+
+def _read_log(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -1,0 +1,185 @@
+"""Resumable training checkpoints: everything a bit-exact resume needs, written so a kill cannot corrupt them.
+
+A checkpoint ``<run>/checkpoints/step-0000042/`` holds:
+
+- ``adapter/``: the adapter in the library's format (tensors, buffers: phase, step, directions; the head);
+- ``trainer_state.safetensors``: optimizer state tensors and the RNG states (torch CPU and CUDA);
+- ``trainer_state.json``: optimizer hyper-parameters, scheduler state, the optimizer step, run metadata;
+- ``manifest.json``: SHA-256 of every other file, written last.
+
+It is assembled in ``step-N.partial/`` and renamed into place in one step, so a checkpoint directory either
+exists complete or not at all; a leftover ``.partial`` is ignored. Loading verifies the manifest; a
+truncated or tampered latest checkpoint is reported and the previous good one is used. Only safetensors and
+JSON are read: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter_io import save_adapter
+from .atomic import _fsync_dir, atomic_write, atomic_write_json, file_sha256
+from .errors import AdapterFormatError
+
+CHECKPOINTS = "checkpoints"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = state
+    return out
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer ``state_dict`` → (tensors for safetensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in state_dict["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any],
+    keep: int = 2,
+    fault: Any = None,
+) -> Path:
+    """Write the checkpoint of optimizer step ``step`` atomically; keep the newest ``keep`` checkpoints."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp / "adapter", base_model_name=extra.get("model"))
+    if fault is not None:
+        fault("checkpoint-write", step)  # test hook: a kill in the middle of a checkpoint write
+    opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
+    tensors = {**opt_tensors, **_rng_tensors()}
+    atomic_write(tmp / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
+    atomic_write_json(tmp / STATE_JSON, {"step": step, "optimizer": opt_meta,
+                                         "scheduler": scheduler.state_dict(), **extra})
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    atomic_write_json(tmp / MANIFEST, {str(p.relative_to(tmp)): file_sha256(p) for p in files})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old[1], ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete (renamed-into-place) checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`AdapterFormatError` unless every file matches the checkpoint's manifest."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise AdapterFormatError(f"checkpoint {path} has no {MANIFEST} (incomplete write)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdapterFormatError(f"checkpoint {path}: {MANIFEST} is corrupt") from None
+    for rel, digest in manifest.items():
+        file = path / rel
+        if not file.is_file():
+            raise AdapterFormatError(f"checkpoint {path}: {rel} is missing")
+        if file_sha256(file) != digest:
+            raise AdapterFormatError(f"checkpoint {path}: {rel} does not match its checksum (truncated or "
+                                     "modified)")
+
+
+def find_checkpoint(run_dir: Path, explicit: str | None = None) -> Path | None:
+    """The checkpoint to resume from: ``explicit`` (verified), else the newest one that verifies.
+
+    Corrupt checkpoints are reported on stderr and skipped.
+    """
+    if explicit:
+        path = Path(explicit)
+        if not path.is_dir():
+            raise AdapterFormatError(f"checkpoint {explicit!r} does not exist")
+        verify_checkpoint(path)
+        return path
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except AdapterFormatError as err:
+            print(f"lora-tsd: skipping corrupt checkpoint: {err}", file=sys.stderr)
+            continue
+        return path
+    return None
+
+
+@dataclass
+class TrainerState:
+    step: int
+    meta: dict[str, Any]
+
+
+def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
+    """Restore optimizer, scheduler and RNG states from a verified checkpoint; return its step and metadata."""
+    try:
+        meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(path / STATE_TENSORS))
+    except (OSError, json.JSONDecodeError, ValueError) as err:
+        raise AdapterFormatError(f"checkpoint {path} cannot be read: {err}") from None
+    try:
+        optimizer.load_state_dict(_join_optimizer_state(tensors, meta["optimizer"]))
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise AdapterFormatError(f"checkpoint {path}: the optimizer state does not fit this run: {err}") from None
+    scheduler.load_state_dict(meta["scheduler"])
+    _restore_rng(tensors)
+    return TrainerState(step=int(meta["step"]), meta=meta)
