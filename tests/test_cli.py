@@ -224,3 +224,17 @@ def test_encoder_on_a_multiple_choice_task_is_refused(tmp_path, assets, capsys):
     code, out = train(tmp_path, assets["encoder"], assets["mc"], "--steps", "1")
     assert code == 2
     assert "encoder models train classification tasks only" in capsys.readouterr().err
+
+
+def test_dora_baseline_runs_through_the_same_loop(tmp_path, assets, capsys):
+    code, out = train(tmp_path, assets["encoder"], assets["cls"], "--method", "dora", "--r", "4", "--steps", "40",
+                      "--lr", "1e-2", "--batch-size", "8", "--warmup-steps", "5")
+    assert code == 0
+    s = summary(out)
+    assert s["phase"] == "dora" and s["switch_step"] is None and s["model"]["class"] == "PeftModel"
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == s["metrics_after"]["test"]["accuracy"]
+    assert train(tmp_path, assets["encoder"], assets["cls"], "--method", "dora", "--checkpoint-every", "5",
+                 name="ckpt")[0] == 2

@@ -23,7 +23,7 @@ TRAIN_HELP: dict[str, str] = {
     "task": "bigbench:<task>[/<subtask>], reasoning-gym:<generator>, jsonl:<path>, or hf:<dataset>[:<config>]",
     "output_dir": "run folder (must not exist unless --overwrite)",
     "overwrite": "replace an existing run folder",
-    "method": "lora, dash (LoRA-Dash), init (LoRA-Init), tsd (LoRA-TSD), pissa, milora",
+    "method": "lora, dash (LoRA-Dash), init (LoRA-Init), tsd (LoRA-TSD), pissa, milora, or dora (PEFT's DoRA baseline)",
     "r": "LoRA rank",
     "alpha": "LoRA alpha (default 2·r); the update is scaled by alpha/r",
     "dropout": "dropout on the adapter input",

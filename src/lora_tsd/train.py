@@ -28,16 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .adapter_io import load_adapter, save_adapter
+from .adapter_io import load_adapter
 from .atomic import atomic_write, atomic_write_json
+from .backends import EXTERNAL_METHODS, check_method, load_any_adapter, make_backend
 from .checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
 from .config import TSDConfig
 from .errors import ConfigError, NonFiniteError
-from .layer import PHASE_NAMES
-from .model import adapted_layers, attach, trainable_parameters
 from .peft_export import export_peft
 from .runners import EncoderClassifier, make_runner
-from .schedule import step as tsd_step
 
 RUN_MARKER = "train_config.json"
 
@@ -94,10 +92,16 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be an integer ≥ 0, got {value!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        check_method(self.method)
         self.tsd_config()  # validates the method fields now, before anything is loaded
+        if self.method in EXTERNAL_METHODS and self.checkpoint_every:
+            raise ConfigError(f"--checkpoint-every/--resume are not supported for the external {self.method} "
+                              "baseline")
 
     def tsd_config(self, modules_to_save: list[str] | None = None) -> TSDConfig:
-        return TSDConfig(method=self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,
+        # External baselines (DoRA) share r, alpha, dropout and targets; validate them as plain LoRA.
+        method = "lora" if self.method in EXTERNAL_METHODS else self.method
+        return TSDConfig(method=method, r=self.r, alpha=self.alpha, dropout=self.dropout,
                          target_modules=self.target_modules, prelaunch_steps=self.prelaunch_steps,
                          dash_directions=self.dash_directions, init_directions=self.init_directions,
                          selector=self.selector, init_estimator=self.init_estimator,
@@ -253,11 +257,14 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
     model.to(device)
     say = accelerator.print
 
+    backend = make_backend(cfg.method, cfg.tsd_config(head_modules(model, runner)))
+    if resume and not backend.resumable:
+        raise ConfigError(f"--resume is not supported for the external {cfg.method} baseline")
     state_meta: dict[str, Any] = {}
     if ckpt is None:
         before = {"test": evaluate_split(model, runner, task.test, cfg, device)}
         say(f"untrained {cfg.model} on {cfg.task}: test {_fmt(before['test'])}")
-        attach(model, cfg.tsd_config(head_modules(model, runner)))
+        model = backend.attach(model)
     else:
         load_adapter(model, ckpt / "adapter")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -273,12 +280,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         raise ConfigError(f"no checkpoint to resume from in {out / 'checkpoints'}; start the run again")
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
-    layers = adapted_layers(core)
+    described = backend.describe(core)
     log = MetricsLog(out / "metrics.jsonl")
     if main_process:
         if ckpt is None:
-            log.write({"event": "start", "trainable_parameters": trainable_parameters(core), "layers": len(layers),
-                       "method": cfg.method, "prelaunch_steps": layers[0][1].config.prelaunch_steps})
+            log.write({"event": "start", "method": cfg.method, **described})
         else:
             _truncate_log(out / "metrics.jsonl", first_step - 1)
     skipped = int(state_meta.get("skipped_steps", 0))
@@ -316,8 +322,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        switched = tsd_step(core, optimizer)
-        phase = PHASE_NAMES[int(layers[0][1].phase)]
+        switched = backend.step(core, optimizer)
+        phase = backend.phase(core)
         lr = scheduler.get_last_lr()[0]
         if main_process:
             log.write({"event": "step", "step": opt_step, "loss": total, "lr": lr, "phase": phase})
@@ -343,21 +349,19 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
     if main_process:
         for split, metrics in after.items():
             log.write({"event": "eval", "step": cfg.steps, "split": split, **metrics})
-        save_adapter(core, out / "adapter", base_model_name=cfg.model)
-        export_peft(core, out / "peft", base_model_name=cfg.model,
-                    task_type="SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
+        backend.save(core, out, cfg.model, "SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
         history = [{k: v for k, v in r.items() if k not in ("event", "split")} for r in _read_log(out)
                    if r.get("event") == "eval" and r.get("split") == "validation" and r["step"] < cfg.steps]
-        config = layers[0][1].config
         summary = {
             "lora_tsd_version": __version__,
             "config": cfg.to_dict(),
             "model": {"name": cfg.model, "kind": kind, "class": type(core).__name__,
-                      "adapted_layers": len(layers), "trainable_parameters": trainable_parameters(core)},
+                      "adapted_layers": described["adapted_layers"],
+                      "trainable_parameters": described["trainable_parameters"]},
             "data": {"task": task.name, "kind": task.kind, "labels": task.labels, "sizes": task.sizes(),
                      "info": _jsonable(task.info)},
-            "switch_step": config.prelaunch_steps if config.spec.has_switch else None,
-            "phase": PHASE_NAMES[int(layers[0][1].phase)],
+            "switch_step": described["switch_step"],
+            "phase": backend.phase(core),
             "metrics_before": before,
             "metrics_after": after,
             "validation_history": history,
@@ -423,7 +427,7 @@ def evaluate_run(run_dir: str | None, model: str | None = None, task: str | None
     task_obj, base, _, _, runner = load_for_run(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if adapter is not None:
-        load_adapter(base, adapter)
+        base = load_any_adapter(base, adapter)
     base.to(device)
     metrics = evaluate_split(base, runner, getattr(task_obj, split), cfg, device)
     return {"model": cfg.model, "task": cfg.task, "split": split, "adapter": adapter,

@@ -1,0 +1,109 @@
+"""Adapter back ends of the training workflow: this library's methods, and PEFT's DoRA as an external anchor.
+
+The loop talks to one object: attach the adapter, count an optimizer step, report the phase, save, load and
+export. ``TSDBackend`` drives lora/dash/init/tsd/pissa/milora; ``PeftDoraBackend`` runs PEFT's DoRA
+(``use_dora=True``) through the same loop so comparisons share data, schedule and evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .adapter_io import CONFIG_FILE, load_adapter, save_adapter
+from .config import TSDConfig
+from .errors import AdapterFormatError, ConfigError
+from .layer import PHASE_NAMES
+from .model import adapted_layers, attach, resolve_targets, trainable_parameters
+from .peft_export import export_peft
+from .schedule import step as tsd_step
+
+EXTERNAL_METHODS = ("dora",)
+
+
+class TSDBackend:
+    """lora-tsd's own adapters (every method of :data:`lora_tsd.METHODS`)."""
+
+    resumable = True
+
+    def __init__(self, config: TSDConfig) -> None:
+        self.config = config
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        return attach(model, self.config)
+
+    def step(self, core: nn.Module, optimizer: Any) -> bool:
+        return tsd_step(core, optimizer)
+
+    def phase(self, core: nn.Module) -> str:
+        return PHASE_NAMES[int(adapted_layers(core)[0][1].phase)]
+
+    def describe(self, core: nn.Module) -> dict[str, Any]:
+        layers = adapted_layers(core)
+        config = layers[0][1].config
+        return {"adapted_layers": len(layers), "trainable_parameters": trainable_parameters(core),
+                "switch_step": config.prelaunch_steps if config.spec.has_switch else None}
+
+    def save(self, core: nn.Module, out: Path, model_name: str, task_type: str) -> None:
+        save_adapter(core, out / "adapter", base_model_name=model_name)
+        export_peft(core, out / "peft", base_model_name=model_name, task_type=task_type)
+
+
+class PeftDoraBackend:
+    """PEFT's DoRA (weight-decomposed LoRA) with the same r, α, dropout and targets; no switch."""
+
+    resumable = False
+
+    def __init__(self, config: TSDConfig) -> None:
+        self.config = config
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        targets = resolve_targets(model, self.config)
+        peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
+                                 target_modules=targets, use_dora=True,
+                                 modules_to_save=self.config.modules_to_save or None)
+        return get_peft_model(model, peft_config)
+
+    def step(self, core: nn.Module, optimizer: Any) -> bool:
+        return False
+
+    def phase(self, core: nn.Module) -> str:
+        return "dora"
+
+    def describe(self, core: nn.Module) -> dict[str, Any]:
+        return {"adapted_layers": len(core.peft_config["default"].target_modules),
+                "trainable_parameters": trainable_parameters(core), "switch_step": None}
+
+    def save(self, core: nn.Module, out: Path, model_name: str, task_type: str) -> None:
+        core.save_pretrained(out / "peft")
+        (out / "adapter").symlink_to("peft", target_is_directory=True)
+
+
+def make_backend(method: str, config: TSDConfig) -> TSDBackend | PeftDoraBackend:
+    return PeftDoraBackend(config) if method == "dora" else TSDBackend(config)
+
+
+def load_any_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a lora-tsd adapter, or a stock PEFT adapter folder (e.g. the DoRA baseline), onto ``model``."""
+    directory = Path(directory)
+    if (directory / CONFIG_FILE).is_file():
+        return load_adapter(model, directory)
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, directory)
+    raise AdapterFormatError(f"{directory} holds neither a lora-tsd adapter ({CONFIG_FILE}) nor a PEFT adapter "
+                             "(adapter_config.json)")
+
+
+def check_method(method: str) -> None:
+    if method in EXTERNAL_METHODS:
+        return
+    from .config import METHODS
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join([*METHODS, *EXTERNAL_METHODS])}")
