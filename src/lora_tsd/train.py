@@ -31,7 +31,7 @@ from . import __version__
 from .adapter_io import load_adapter
 from .atomic import atomic_write, atomic_write_json
 from .backends import EXTERNAL_METHODS, check_method, load_any_adapter, make_backend
-from .checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
+from .checkpoint import find_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
 from .config import TSDConfig
 from .errors import ConfigError, NonFiniteError
 from .peft_export import export_peft
@@ -236,7 +236,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
     ``resume_from``): the result is bit-identical on CPU to a run that was never interrupted.
     """
     from accelerate import Accelerator
-    from transformers import get_linear_schedule_with_warmup
 
     started = time.time()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -245,13 +244,27 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         out = Path(cfg.output_dir)
         cfg = dataclasses.replace(read_run_config(out), progress=cfg.progress)
         ckpt = find_checkpoint(out, resume_from)
-    else:
-        ckpt = None
-        if main_process:
-            out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
-            atomic_write_json(out / RUN_MARKER, cfg.to_dict())
-        accelerator.wait_for_everyone()
-        out = Path(cfg.output_dir)
+        return _train(cfg, accelerator, out, ckpt, resume, started)
+    if main_process:
+        prepare_output_dir(cfg.output_dir, cfg.overwrite)
+        atomic_write_json(Path(cfg.output_dir) / RUN_MARKER, cfg.to_dict())
+    accelerator.wait_for_everyone()
+    out = Path(cfg.output_dir)
+    try:
+        return _train(cfg, accelerator, out, None, False, started)
+    except BaseException:
+        # A run that fails before its first checkpoint leaves nothing behind; one with checkpoints keeps them
+        # (and its log) for --resume.
+        if main_process and not list_checkpoints(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, resume: bool,
+           started: float) -> dict[str, Any]:
+    from transformers import get_linear_schedule_with_warmup
+
+    main_process = accelerator.is_main_process
     task, model, tokenizer, kind, runner = load_for_run(cfg)
     device = accelerator.device
     model.to(device)
