@@ -1,5 +1,5 @@
 """Distributed runs on CPU with gloo: the switch's SVDs split across ranks give every rank the same directions,
-and a 2-process DDP training run equals the 1-process run with the same global batch."""
+and a 2-process DDP or FSDP2 training run equals the 1-process run with the same global batch."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _switch_worker_single(tmp_path) -> None:
     save_file(state, str(tmp_path / "single.safetensors"))
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "torchrun-fsdp2"])
 def test_ddp_training_matches_single_process(tmp_path, launcher):
     model = make_encoder(tmp_path / "enc", dropout=0.0)  # no RNG in the forward: runs must agree exactly
     task = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(100))
@@ -85,15 +85,16 @@ def test_ddp_training_matches_single_process(tmp_path, launcher):
     single = subprocess.run([sys.executable, "-m", "lora_tsd.cli", *args, "--output-dir", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
-    if launcher == "torchrun":
+    if launcher.startswith("torchrun"):
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                   "--master_port", str(_free_port()), "-m", "lora_tsd.cli"]
     else:  # accelerate's multi-process launcher; without a GPU it runs gloo CPU processes
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                   "--main_process_port", str(_free_port()), "-m", "lora_tsd.cli"]
-    multi = subprocess.run([*launch, *args, "--output-dir", str(tmp_path / "two")], capture_output=True, text=True,
-                           env=env, timeout=600)
+    extra = ["--fsdp"] if launcher.endswith("fsdp2") else []
+    multi = subprocess.run([*launch, *args, *extra, "--output-dir", str(tmp_path / "two")], capture_output=True,
+                           text=True, env=env, timeout=600)
     assert multi.returncode == 0, multi.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "adapter" / "tsd_adapter.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "tsd_adapter.safetensors"))

@@ -26,6 +26,7 @@ from .errors import AdapterFormatError, BaseMismatchError, ConfigError, TSDError
 from .fingerprint import fingerprint_hex
 from .layer import PHASE_NAMES, TSDLinear
 from .model import _attach_layers, require_adapters, saved_modules
+from .sharding import full, is_writer
 
 TENSORS_FILE = "tsd_adapter.safetensors"
 CONFIG_FILE = "tsd_config.json"
@@ -46,10 +47,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, layer in layers:
         for key, value in _layer_state(layer).items():
-            out[f"{name}.{key}"] = value
+            out[f"{name}.{key}"] = full(value)
     for name, module in saved_modules(model, config):
         for key, value in module.state_dict().items():
-            out[f"{SAVED_PREFIX}{name}.{key}"] = value
+            out[f"{SAVED_PREFIX}{name}.{key}"] = full(value)
     return out
 
 
@@ -57,6 +58,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     """Write the adapter of ``model`` to ``directory`` (created if needed; files replaced atomically).
 
     Returns the directory. Refuses a merged model (its base weights no longer match the fingerprints).
+    In a distributed run every rank must call it (sharded tensors are gathered); rank 0 writes.
     """
     layers = require_adapters(model, "save_adapter")
     config: TSDConfig = layers[0][1].config
@@ -64,6 +66,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise ConfigError("the model is merged; call lora_tsd.unmerge(model) before save_adapter")
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    if not is_writer():
+        return directory
     atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     first = layers[0][1]
     summary: dict[str, Any] = {

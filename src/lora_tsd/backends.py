@@ -19,6 +19,7 @@ from .layer import PHASE_NAMES
 from .model import adapted_layers, attach, resolve_targets, trainable_parameters
 from .peft_export import export_peft
 from .schedule import step as tsd_step
+from .sharding import is_writer
 
 EXTERNAL_METHODS = ("dora",)
 
@@ -79,8 +80,9 @@ class PeftDoraBackend:
                 "trainable_parameters": trainable_parameters(core), "switch_step": None}
 
     def save(self, core: nn.Module, out: Path, model_name: str, task_type: str) -> None:
-        core.save_pretrained(out / "peft")
-        (out / "adapter").symlink_to("peft", target_is_directory=True)
+        if is_writer():
+            core.save_pretrained(out / "peft")
+            (out / "adapter").symlink_to("peft", target_is_directory=True)
 
 
 def make_backend(method: str, config: TSDConfig) -> TSDBackend | PeftDoraBackend:

@@ -52,6 +52,7 @@ TRAIN_HELP: dict[str, str] = {
     "checkpoint_every": "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 are kept)",
     "skip_nonfinite": "skip optimizer steps whose loss or gradient is NaN/inf (counted in the log) instead of stopping",
     "progress": "show a progress bar",
+    "fsdp": "shard with FSDP2 (fully_shard) when launched on several processes (torchrun / accelerate launch)",
 }
 
 
@@ -212,6 +213,18 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return bench.main(args.bench_args)
 
 
+def cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .compare import main_from_args
+
+    return main_from_args(args)
+
+
+def cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .analyze import main_from_args
+
+    return main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-tsd",
@@ -267,6 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    from . import analyze, compare
+
+    cmp = sub.add_parser("compare", help="a resumable grid of methods × seeds × tasks with tables and plots",
+                         description="Train every method × seed × task (× rank, × lr sweep) with the train "
+                                     "workflow, tune the lr on validation for every method alike, and report test "
+                                     "mean ± std and paired differences to the baseline with 95%% confidence "
+                                     "intervals (results.csv/json/md, PNG plots). Finished runs are skipped on "
+                                     "re-invocation.")
+    compare.add_arguments(cmp)
+    cmp.set_defaults(func=cmd_compare)
+
+    ana = sub.add_parser("analyze", help="change-rate spectra of a fine-tune, TSD overlap, and TSD capture",
+                         description="spectrum: per-layer change-rate spectra of an adapter, a run or a fully "
+                                     "fine-tuned checkpoint (and the TSD overlap of two); capture: how well LoRA's "
+                                     "estimated TSDs match a full fine-tune's along training.")
+    analyze.add_arguments(ana)
+    ana.set_defaults(func=cmd_analyze)
     return parser
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from .config import TSDConfig
 from .directions import ThinSVD
 from .fingerprint import FINGERPRINT_BYTES, fingerprint_tensor, weight_fingerprint
+from .sharding import assign, full
 
 try:  # HF GPT-2 style layer: weight stored (in, out), y = x @ W + b.
     from transformers.pytorch_utils import Conv1D
@@ -115,6 +116,15 @@ class TSDLinear(nn.Module):
         w = self.base_layer.weight
         return w.T if _is_conv1d(self.base_layer) else w
 
+    def full_weight(self) -> torch.Tensor:
+        """The whole ``(out, in)`` base weight, also when FSDP2 has sharded it (collective then)."""
+        w = full(self.base_layer.weight)
+        return w.T if _is_conv1d(self.base_layer) else w
+
+    def _set_weight(self, value: torch.Tensor) -> None:
+        """Write a whole ``(out, in)`` base weight (each rank keeps its shard under FSDP2)."""
+        assign(self.base_layer.weight, value.T if _is_conv1d(self.base_layer) else value)
+
     @property
     def is_switched(self) -> bool:
         return int(self.phase) == PHASE_SWITCHED
@@ -134,13 +144,22 @@ class TSDLinear(nn.Module):
             A = torch.cat([A, self.dash_V.T], dim=0)
         return B, A
 
+    def full_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`factors` from whole tensors, outside a forward pass (all-gathers FSDP2 shards)."""
+        B = full(self.lora_B) * self.scaling
+        A = full(self.lora_A)
+        if self.dash_c is not None:
+            B = torch.cat([B, self.dash_U * full(self.dash_c)], dim=1)
+            A = torch.cat([A, self.dash_V.T], dim=0)
+        return B, A
+
     def original_delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors of the total change relative to the *original* pretrained weight (rank r+s+r_init).
 
         For init-style methods the switch moved ``(α/r)·B₀A₀`` out of the base weight, so the change is
         ``(α/r)(BA − B₀A₀) + dash``: the extra pair ``[−(α/r)B₀], [A₀]`` is appended.
         """
-        B, A = self.factors()
+        B, A = self.full_factors()
         if self.config.init_size and self.is_switched:
             B = torch.cat([B, -self.scaling * self.init_B0], dim=1)
             A = torch.cat([A, self.init_A0], dim=0)
@@ -174,17 +193,19 @@ class TSDLinear(nn.Module):
                 self.dash_U.copy_(U[:, sel])
                 self.dash_V.copy_(Vh[sel].T)
                 self.dash_idx.copy_(indices[sel])
-                self.dash_c.zero_()
+                assign(self.dash_c, torch.zeros(dash_count, device=U.device))
             if init_count:
                 root = torch.sqrt(S[:init_count] / self.scaling)  # (α/r)·B₀A₀ = U_T diag(σ_T) V_Tᵀ
                 self.init_B0.copy_(U[:, :init_count] * root)
                 self.init_A0.copy_(root[:, None] * Vh[:init_count])
                 self.init_idx.copy_(indices[:init_count])
                 # The probe's A, B are discarded (method.md §4); rank slots beyond r_init restart as LoRA.
-                self.lora_B.zero_()
-                self.lora_B[:, :init_count].copy_(self.init_B0)
-                self.lora_A.copy_(self._fresh_A(self.config.r, self.lora_A.device))
-                self.lora_A[:init_count].copy_(self.init_A0)
+                B = torch.zeros(self.out_features, self.config.r, device=U.device)
+                B[:, :init_count] = self.init_B0
+                A = self._fresh_A(self.config.r, U.device)
+                A[:init_count] = self.init_A0
+                assign(self.lora_B, B)
+                assign(self.lora_A, A)
                 self.remove_init_components()
             self.phase.fill_(PHASE_SWITCHED)
 
@@ -194,16 +215,15 @@ class TSDLinear(nn.Module):
 
     def remove_init_components(self) -> None:
         """``W ← W − U_T diag(σ_T) V_Tᵀ``: the one place the base weight is residualized (switch and load)."""
-        w = self.weight_view()
-        with torch.no_grad():
-            w.sub_(self.init_component().to(device=w.device, dtype=w.dtype))
+        w = self.full_weight()
+        self._set_weight(w - self.init_component().to(device=w.device, dtype=w.dtype))
 
     # ---------------------------------------------------------------------------------------- merge
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter's dense ``(out, in)`` fp32 update of the current base weight (for merging only)."""
-        B, A = self.factors()
-        return B.detach() @ A.detach()
+        B, A = self.full_factors()
+        return B @ A
 
     def merge(self) -> None:
         """Fold the adapter into the base weight in place; the forward then skips the adapter."""

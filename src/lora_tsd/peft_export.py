@@ -23,6 +23,7 @@ from .atomic import atomic_write, atomic_write_json
 from .errors import ConfigError
 from .layer import _is_conv1d
 from .model import require_adapters, saved_modules
+from .sharding import full, is_writer
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -69,8 +70,10 @@ def export_peft(
     for name, module in saved:
         for key, value in module.state_dict().items():
             # PEFT stores modules_to_save weights under the module's plain key.
-            tensors[f"base_model.model.{name}.{key}"] = value.detach().contiguous().cpu()
+            tensors[f"base_model.model.{name}.{key}"] = full(value).contiguous().cpu()
     directory = Path(directory)
+    if not is_writer():  # every rank gathered (collective); rank 0 writes
+        return directory
     atomic_write(directory / PEFT_WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     name_or_path = base_model_name or getattr(getattr(model, "config", None), "_name_or_path", None)
     peft_config: dict[str, Any] = {

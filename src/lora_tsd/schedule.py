@@ -23,6 +23,7 @@ from .directions import ThinSVD, change_rates, select_directions, thin_svd
 from .errors import ConfigError, NonFiniteError
 from .layer import TSDLinear
 from .model import require_adapters
+from .sharding import full
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
@@ -77,20 +78,31 @@ def switch(
         raise ConfigError(f"method {config.method!r} re-initializes A and B at the switch: pass the optimizer "
                           "to lora_tsd.step(model, optimizer) so their optimizer state is reset")
     rank, world = _rank_and_world()
-    selections: dict[int, tuple[ThinSVD, torch.Tensor]] = {}
-    for index, (name, layer) in enumerate(layers):
-        if index % world == rank:
-            selections[index] = _select_for_layer(name, layer, config, index, estimates)
     ri, s = config.init_size, config.dash_size
     dash_start = ri if (ri and s and config.dash_placement == "next") else 0
-    for index, (_, layer) in enumerate(layers):
-        ranked, indices = selections.pop(index) if index in selections else _empty_selection(layer, config)
-        if world > 1:
-            for t in (*ranked, indices):
-                torch.distributed.broadcast(t, src=index % world)
-        layer.apply_switch(ranked, indices, ri, dash_start, s)
+    # Rounds of `world` layers: rank j decomposes layer j of the round (in parallel), then the owners
+    # broadcast the selected directions. Gathering sharded (FSDP2) tensors is collective, so every rank
+    # gathers every layer's inputs in the same order, keeping only its own: one full SVD alive per process.
+    for start in range(0, len(layers), world):
+        round_layers = layers[start:start + world]
+        mine = None
+        for j, (name, layer) in enumerate(round_layers):
+            inputs = _switch_inputs(layer)
+            if j == rank:
+                mine = _select_for_layer(name, layer, config, start + j, estimates, inputs)
+        for j, (_, layer) in enumerate(round_layers):
+            ranked, indices = mine if j == rank else _empty_selection(layer, config)
+            if world > 1:
+                for t in (*ranked, indices):
+                    torch.distributed.broadcast(t, src=j)
+            layer.apply_switch(ranked, indices, ri, dash_start, s)
     if config.spec.has_init and optimizer is not None:
         reset_optimizer_state(optimizer, [p for _, layer in layers for p in (layer.lora_A, layer.lora_B)])
+
+
+def _switch_inputs(layer: TSDLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole ``(W (out, in), B (out, r), A (r, in))`` of a layer (all-gathered if sharded)."""
+    return layer.full_weight(), full(layer.lora_B), full(layer.lora_A)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -114,22 +126,21 @@ def _select_for_layer(
     config: TSDConfig,
     index: int,
     estimates: dict[str, torch.Tensor] | None,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> tuple[ThinSVD, torch.Tensor]:
     """Rank this layer's core directions; return the needed ones (most important first) and their indices."""
+    weight, lora_B, lora_A = inputs
     try:
-        svd = thin_svd(layer.weight_view())
+        svd = thin_svd(weight)
     except NonFiniteError as err:
         raise NonFiniteError(f"layer {name!r}: base {err}") from None
     needed = config.directions_needed()
     if config.selector == "tsd":
-        if estimates is not None:
-            delta = estimates[name]
-        else:
-            delta = (layer.lora_B.detach() * layer.scaling, layer.lora_A.detach())
-        for what, t in (("lora_B", layer.lora_B), ("lora_A", layer.lora_A), ("estimate", delta)):
+        delta = estimates[name] if estimates is not None else (lora_B * layer.scaling, lora_A)
+        for what, t in (("lora_B", lora_B), ("lora_A", lora_A), ("estimate", delta)):
             if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
                 raise NonFiniteError(f"layer {name!r}: {what} contains NaN or inf at the switch")
-        ranking = select_directions(change_rates(layer.weight_view(), delta, config.eps, svd=svd), needed)
+        ranking = select_directions(change_rates(weight, delta, config.eps, svd=svd), needed)
     else:
         ranking = select_directions(svd.S, needed, config.selector, seed=config.seed * 1_000_003 + index)
     idx = ranking.to(svd.U.device)

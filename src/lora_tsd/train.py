@@ -36,6 +36,7 @@ from .config import TSDConfig
 from .errors import ConfigError, NonFiniteError
 from .peft_export import export_peft
 from .runners import EncoderClassifier, make_runner
+from .sharding import full
 
 RUN_MARKER = "train_config.json"
 
@@ -79,6 +80,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     checkpoint_every: int = 0
     skip_nonfinite: bool = False
+    fsdp: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -94,6 +96,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         check_method(self.method)
         self.tsd_config()  # validates the method fields now, before anything is loaded
+        if self.fsdp and (self.checkpoint_every or self.method in EXTERNAL_METHODS):
+            raise ConfigError("--fsdp supports the lora-tsd methods without --checkpoint-every for now (FSDP2 "
+                              "checkpoints are not implemented yet); use DDP for resumable runs")
         if self.method in EXTERNAL_METHODS and self.checkpoint_every:
             raise ConfigError(f"--checkpoint-every/--resume are not supported for the external {self.method} "
                               "baseline")
@@ -260,6 +265,18 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         raise
 
 
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: shard every adapted layer (base weight, A, B, c) as its own unit, then the rest at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .layer import TSDLinear
+
+    for module in model.modules():
+        if isinstance(module, TSDLinear):
+            fully_shard(module)
+    fully_shard(model)
+
+
 def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, resume: bool,
            started: float) -> dict[str, Any]:
     from transformers import get_linear_schedule_with_warmup
@@ -280,6 +297,10 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
         model = backend.attach(model)
     else:
         load_adapter(model, ckpt / "adapter")
+    world = accelerator.num_processes
+    sharded = cfg.fsdp and world > 1
+    if sharded:
+        shard_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
@@ -291,7 +312,8 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
         say(f"resuming {out} from {ckpt.name} (optimizer step {restored.step})")
     elif resume:
         raise ConfigError(f"no checkpoint to resume from in {out / 'checkpoints'}; start the run again")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:  # DDP (or nothing) from accelerate; FSDP2 modules were sharded above
+        model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     described = backend.describe(core)
     log = MetricsLog(out / "metrics.jsonl")
@@ -303,7 +325,7 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
     skipped = int(state_meta.get("skipped_steps", 0))
 
     train = task.train
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
     model.train()
     bar = tqdm(total=cfg.steps, initial=first_step - 1, desc=f"{cfg.method} r={cfg.r}",
                disable=not (cfg.progress and main_process))
@@ -319,8 +341,10 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
             finite = finite and bool(torch.isfinite(loss))
             accelerator.backward(loss)
             total += loss.detach().item()
-        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        finite = finite and bool(torch.isfinite(torch.as_tensor(norm)))
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if sharded
+                else accelerator.clip_grad_norm_(params, max_norm))
+        finite = finite and bool(torch.isfinite(full(torch.as_tensor(norm))))
         if not finite:
             optimizer.zero_grad(set_to_none=True)
             if not cfg.skip_nonfinite:
@@ -359,10 +383,10 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
     after = {split: evaluate_split(model, runner, getattr(task, split), cfg, device)
              for split in ("validation", "test")}
     summary: dict[str, Any] = {}
+    backend.save(core, out, cfg.model, "SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")  # every rank; rank 0 writes
     if main_process:
         for split, metrics in after.items():
             log.write({"event": "eval", "step": cfg.steps, "split": split, **metrics})
-        backend.save(core, out, cfg.model, "SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
         history = [{k: v for k, v in r.items() if k not in ("event", "split")} for r in _read_log(out)
                    if r.get("event") == "eval" and r.get("split") == "validation" and r["step"] < cfg.steps]
         summary = {
