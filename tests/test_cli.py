@@ -236,5 +236,8 @@ def test_dora_baseline_runs_through_the_same_loop(tmp_path, assets, capsys):
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == s["metrics_after"]["test"]["accuracy"]
+    assert main(["export", str(out), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "dora-peft")]) == 0
+    assert json.loads((tmp_path / "dora-peft" / "adapter_config.json").read_text())["use_dora"] is True
     assert train(tmp_path, assets["encoder"], assets["cls"], "--method", "dora", "--checkpoint-every", "5",
                  name="ckpt")[0] == 2

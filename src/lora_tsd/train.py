@@ -480,15 +480,18 @@ def export_run(run_dir: str, out_dir: str, merged: bool = False, overwrite: bool
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite")
     _, base, tokenizer, kind, _ = load_for_run(cfg)
-    load_adapter(base, Path(run_dir) / "adapter")
+    model = load_any_adapter(base, Path(run_dir) / "adapter")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    external = cfg.method in EXTERNAL_METHODS  # a PEFT model (DoRA): PEFT merges and saves it
     if merged:
-        plain = merge(base)
+        plain = model.merge_and_unload() if external else merge(model)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    elif external:
+        model.save_pretrained(tmp)
     else:
-        export_peft(base, tmp, base_model_name=cfg.model, task_type="SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
+        export_peft(model, tmp, base_model_name=cfg.model, task_type="SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
