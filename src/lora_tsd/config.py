@@ -53,8 +53,23 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+class DictConfig:
+    """JSON round trip for config dataclasses, refusing unknown keys by name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):  # noqa: ANN206 - returns an instance of the subclass
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
 @dataclass
-class TSDConfig:
+class TSDConfig(DictConfig):
     """Hyper-parameters of a TSD adapter (method.md; defaults as there).
 
     Attributes:
@@ -176,13 +191,3 @@ class TSDConfig:
             return self.init_size + self.dash_size
         return max(self.init_size, self.dash_size)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TSDConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**data)

@@ -32,7 +32,7 @@ from .adapter_io import load_adapter
 from .atomic import atomic_write, atomic_write_json
 from .backends import EXTERNAL_METHODS, check_method, load_any_adapter, make_backend
 from .checkpoint import find_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
-from .config import TSDConfig
+from .config import DictConfig, TSDConfig
 from .errors import ConfigError, NonFiniteError
 from .peft_export import export_peft
 from .runners import EncoderClassifier, make_runner
@@ -42,7 +42,7 @@ RUN_MARKER = "train_config.json"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Everything a training run needs; the command line's flags and ``--config`` keys are these fields."""
 
     model: str = "minilm"
@@ -112,17 +112,6 @@ class TrainConfig:
                          selector=self.selector, init_estimator=self.init_estimator,
                          dash_placement=self.dash_placement, seed=self.seed,
                          modules_to_save=modules_to_save or [])
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 # ------------------------------------------------------------------------------------------- outputs
