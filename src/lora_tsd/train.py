@@ -65,7 +65,7 @@ class TrainConfig(DictConfig):
     steps: int = 250
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 25
     max_grad_norm: float = 1.0
