@@ -21,7 +21,7 @@ def test_half_precision_base(model_kind, dtype, method, monkeypatch):
         seen.append((weight.dtype, out.U.dtype, out.S.dtype, out.Vh.dtype))
         return out
 
-    monkeypatch.setattr("lora_tsd.schedule.thin_svd", spy)
+    monkeypatch.setattr("lora_tsd.svd_cache.thin_svd", spy)
     model = MODEL_FACTORIES[model_kind](dtype=dtype)
     cfg = lora_tsd.TSDConfig(method=method, r=4, dash_directions=3, target_modules=TARGETS[model_kind],
                              prelaunch_steps=2 if method != "pissa" else None)

@@ -29,14 +29,15 @@ class TSDBackend:
 
     resumable = True
 
-    def __init__(self, config: TSDConfig) -> None:
+    def __init__(self, config: TSDConfig, svd_cache: Path | None = None) -> None:
         self.config = config
+        self.svd_cache = svd_cache
 
     def attach(self, model: nn.Module) -> nn.Module:
         return attach(model, self.config)
 
     def step(self, core: nn.Module, optimizer: Any) -> bool:
-        return tsd_step(core, optimizer)
+        return tsd_step(core, optimizer, svd_cache=self.svd_cache)
 
     def phase(self, core: nn.Module) -> str:
         return PHASE_NAMES[int(adapted_layers(core)[0][1].phase)]
@@ -57,7 +58,7 @@ class PeftDoraBackend:
 
     resumable = False
 
-    def __init__(self, config: TSDConfig) -> None:
+    def __init__(self, config: TSDConfig, svd_cache: Path | None = None) -> None:
         self.config = config
 
     def attach(self, model: nn.Module) -> nn.Module:
@@ -85,8 +86,8 @@ class PeftDoraBackend:
             (out / "adapter").symlink_to("peft", target_is_directory=True)
 
 
-def make_backend(method: str, config: TSDConfig) -> TSDBackend | PeftDoraBackend:
-    return PeftDoraBackend(config) if method == "dora" else TSDBackend(config)
+def make_backend(method: str, config: TSDConfig, svd_cache: Path | None = None) -> TSDBackend | PeftDoraBackend:
+    return (PeftDoraBackend if method == "dora" else TSDBackend)(config, svd_cache)
 
 
 def load_any_adapter(model: nn.Module, directory: str | Path) -> nn.Module:

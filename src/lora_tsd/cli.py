@@ -52,6 +52,7 @@ TRAIN_HELP: dict[str, str] = {
     "checkpoint_every": "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 are kept)",
     "skip_nonfinite": "skip optimizer steps whose loss or gradient is NaN/inf (counted in the log) instead of stopping",
     "progress": "show a progress bar",
+    "svd_cache": "reuse the switch's SVDs from the content-keyed cache in $LORA_TSD_CACHE/svd (changed weights miss)",
     "fsdp": "shard with FSDP2 (fully_shard) when launched on several processes (torchrun / accelerate launch)",
 }
 
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="a resumable grid of methods × seeds × tasks with tables and plots",
                          description="Train every method × seed × task (× rank, × lr sweep) with the train "
                                      "workflow, tune the lr on validation for every method alike, and report test "
-                                     "mean ± std and paired differences to the baseline with 95%% confidence "
+                                     "mean ± std and paired differences to the baseline with 95% confidence "
                                      "intervals (results.csv/json/md, PNG plots). Finished runs are skipped on "
                                      "re-invocation.")
     compare.add_arguments(cmp)

@@ -12,6 +12,7 @@ weights change only here and in :func:`lora_tsd.load_adapter`, through ``TSDLine
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,20 +20,23 @@ import torch
 from torch import nn
 
 from .config import TSDConfig
-from .directions import ThinSVD, change_rates, select_directions, thin_svd
+from .directions import ThinSVD, change_rates, select_directions
 from .errors import ConfigError, NonFiniteError
 from .layer import TSDLinear
 from .model import require_adapters
 from .sharding import full
+from .svd_cache import cached_thin_svd
 
 
-def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
+def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         svd_cache: str | os.PathLike | None = None) -> bool:
     """Count one optimizer step; perform the method's switch when the pre-launch is over.
 
     Args:
         model: a model with TSD adapters.
         optimizer: the optimizer that holds the adapter parameters; needed by init-style methods, whose
             switch resets the optimizer state of A and B.
+        svd_cache: folder of the content-keyed SVD cache (:mod:`lora_tsd.svd_cache`); ``None``: no cache.
 
     Returns:
         True if the switch happened in this call.
@@ -49,7 +53,7 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bo
                           "lora_tsd.gradient_probe(model, batches, loss_fn, optimizer) before the first step")
     if int(first.step) < config.prelaunch_steps:
         return False
-    switch(model, optimizer)
+    switch(model, optimizer, svd_cache=svd_cache)
     return True
 
 
@@ -57,6 +61,7 @@ def switch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     estimates: dict[str, torch.Tensor] | None = None,
+    svd_cache: str | os.PathLike | None = None,
 ) -> None:
     """Select directions and apply the method's switch in every adapted layer now.
 
@@ -69,6 +74,8 @@ def switch(
         optimizer: reset for A and B when the method re-initializes them.
         estimates: per layer name, a dense ``(out, in)`` change to rank by (e.g. a probed gradient); by
             default the layer's own pre-launch update ``(α/r)·B A``.
+        svd_cache: folder of the content-keyed on-disk SVD cache; a second run on the same base weights
+            (another seed or method, a resume) reads the decompositions instead of recomputing them.
     """
     layers = require_adapters(model, "switch")
     config: TSDConfig = layers[0][1].config
@@ -89,7 +96,7 @@ def switch(
         for j, (name, layer) in enumerate(round_layers):
             inputs = _switch_inputs(layer)
             if j == rank:
-                mine = _select_for_layer(name, layer, config, start + j, estimates, inputs)
+                mine = _select_for_layer(name, layer, config, start + j, estimates, inputs, svd_cache)
         for j, (_, layer) in enumerate(round_layers):
             ranked, indices = mine if j == rank else _empty_selection(layer, config)
             if world > 1:
@@ -127,11 +134,12 @@ def _select_for_layer(
     index: int,
     estimates: dict[str, torch.Tensor] | None,
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    svd_cache: str | os.PathLike | None = None,
 ) -> tuple[ThinSVD, torch.Tensor]:
     """Rank this layer's core directions; return the needed ones (most important first) and their indices."""
     weight, lora_B, lora_A = inputs
     try:
-        svd = thin_svd(weight)
+        svd = cached_thin_svd(weight, svd_cache)
     except NonFiniteError as err:
         raise NonFiniteError(f"layer {name!r}: base {err}") from None
     needed = config.directions_needed()

@@ -81,6 +81,7 @@ class TrainConfig(DictConfig):
     checkpoint_every: int = 0
     skip_nonfinite: bool = False
     fsdp: bool = False
+    svd_cache: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -276,7 +277,10 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
     model.to(device)
     say = accelerator.print
 
-    backend = make_backend(cfg.method, cfg.tsd_config(head_modules(model, runner)))
+    from .cache import cache_dir
+
+    backend = make_backend(cfg.method, cfg.tsd_config(head_modules(model, runner)),
+                           svd_cache=cache_dir() if cfg.svd_cache else None)
     if resume and not backend.resumable:
         raise ConfigError(f"--resume is not supported for the external {cfg.method} baseline")
     state_meta: dict[str, Any] = {}
