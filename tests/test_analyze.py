@@ -1,0 +1,140 @@
+"""`lora-tsd analyze`: spectra recover constructed TSDs exactly (adapter, run and full-checkpoint sources), the
+overlap of two constructed TSD sets is what was built, and TSD capture runs end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_assets import make_encoder, sentiment_rows, write_jsonl
+
+from lora_tsd import TSDConfig, attach, save_adapter, thin_svd
+from lora_tsd.analyze import capture_scores, layer_spectrum, snapshot_steps
+from lora_tsd.cli import main
+from lora_tsd.model import adapted_layers, merge
+from lora_tsd.models import load_model
+
+R = 3
+# Per layer (by position in module order) the constructed TSDs, most important first. Set B shares 2 of 3.
+CHOSEN_A = [[5, 17, 2], [9, 0, 30], [20, 3, 11], [7, 25, 14]]
+CHOSEN_B = [[17, 5, 26], [9, 30, 12], [11, 3, 28], [1, 14, 7]]
+RATES = [3e-2, 2e-2, 1e-2]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return make_encoder(tmp_path_factory.mktemp("analyze") / "tiny-bert", dropout=0.0)
+
+
+def _chosen(table, index, k):
+    return [i % k for i in table[index % len(table)]]
+
+
+def constructed_model(encoder, table):
+    """A tiny BERT with a LoRA adapter whose ΔW = Σ_j c_j u_{i_j} v_{i_j}ᵀ, rate_j = c_j / σ_{i_j} = RATES[j]."""
+    model, _, _ = load_model(encoder, num_labels=2)
+    attach(model, TSDConfig(method="lora", r=R, modules_to_save=["classifier"]))
+    expected = {}
+    with torch.no_grad():
+        for index, (name, layer) in enumerate(adapted_layers(model)):
+            svd = thin_svd(layer.weight_view())
+            chosen = _chosen(table, index, svd.S.numel())
+            coeff = torch.tensor(RATES) * svd.S[chosen]
+            layer.lora_B.copy_(svd.U[:, chosen] * coeff / layer.scaling)
+            layer.lora_A.copy_(svd.Vh[chosen])
+            expected[name] = chosen
+    return model, expected
+
+
+def test_layer_spectrum_recovers_constructed_directions():
+    torch.manual_seed(0)
+    W = torch.randn(24, 40)
+    svd = thin_svd(W)
+    chosen = [6, 1, 19]
+    delta = sum(rate * svd.S[i] * torch.outer(svd.U[:, i], svd.Vh[i]) for rate, i in zip(RATES, chosen, strict=True))
+    info = layer_spectrum(svd, delta, top=3)
+    assert info["top_indices"] == chosen
+    assert info["top_rates"] == pytest.approx(RATES, rel=1e-4)
+    assert info["n50"] == 2 and info["n90"] == 3  # 3/6 = 50 %, (3+2)/6 = 83 %, 100 %
+    assert info["core_energy_share"] == pytest.approx(1.0, rel=1e-6)  # ΔW lies on core directions only
+    # the low-rank path gives the same answer as the dense one
+    B = torch.stack([rate * svd.S[i] * svd.U[:, i] for rate, i in zip(RATES, chosen, strict=True)], dim=1)
+    A = svd.Vh[chosen]
+    assert layer_spectrum(svd, (B, A), top=3)["top_indices"] == chosen
+    # a change off the core directions (u_i v_jᵀ, i ≠ j) has zero core energy
+    off = torch.outer(svd.U[:, 0], svd.Vh[1])
+    assert layer_spectrum(svd, off, top=3)["core_energy_share"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_spectrum_of_adapters_recovers_tsds_and_overlap(tmp_path, encoder):
+    model_a, expected_a = constructed_model(encoder, CHOSEN_A)
+    model_b, expected_b = constructed_model(encoder, CHOSEN_B)
+    save_adapter(model_a, tmp_path / "task_a")
+    save_adapter(model_b, tmp_path / "task_b")
+    out = tmp_path / "spectrum"
+    assert main(["analyze", "spectrum", str(tmp_path / "task_a"), str(tmp_path / "task_b"), "--model", str(encoder),
+                 "--top", "3", "--labels", "a", "b", "--out", str(out)]) == 0
+    report = json.loads((out / "spectrum.json").read_text())
+    for label, expected in (("a", expected_a), ("b", expected_b)):
+        layers = report["layers"][label]
+        assert set(layers) == set(expected)
+        for name, chosen in expected.items():
+            assert layers[name]["top_indices"] == chosen, name
+            assert layers[name]["top_rates"] == pytest.approx(RATES, rel=1e-3)
+            rest = [r for i, r in enumerate(layers[name]["rates"]) if i not in chosen]
+            assert max(rest) < 1e-5  # nothing else moved
+    per_layer = report["overlap"]["per_layer"]
+    for name in expected_a:
+        want = len(set(expected_a[name]) & set(expected_b[name])) / 3
+        assert per_layer[name] == pytest.approx(want)
+    assert report["overlap"]["mean"] == pytest.approx(2 / 3)
+    assert report["summary"]["a"]["all"]["mean_n90"] == 3
+    for name in ("spectra_a.png", "spectra_sorted_a.png", "spectra_b.png", "tsd_positions.png", "overlap.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+
+def test_spectrum_of_a_full_checkpoint_matches_the_adapter(tmp_path, encoder):
+    model, expected = constructed_model(encoder, CHOSEN_A)
+    merge(model).save_pretrained(tmp_path / "full")  # a "fully fine-tuned" folder: W + ΔW in every layer
+    out = tmp_path / "spectrum"
+    assert main(["analyze", "spectrum", str(tmp_path / "full"), "--model", str(encoder), "--top", "3",
+                 "--out", str(out), "--no-plots"]) == 0
+    layers = json.loads((out / "spectrum.json").read_text())["layers"]["full"]
+    assert {n: info["top_indices"] for n, info in layers.items()} == expected
+
+
+def test_capture_scores_and_snapshot_steps():
+    reference = {"l": list(range(16))}
+    assert capture_scores({"l": [0, 1, 2, 3, 40, 41, 42, 43]}, reference) == pytest.approx(
+        {"recall": 1.0, "accuracy": 0.5, "recall_event": 1.0, "accuracy_at_least_0.75": 0.0, "layers": 1})
+    assert capture_scores({"l": [0, 1, 2, 30, 4, 5, 6, 7]}, reference)["recall"] == 0.75
+    assert snapshot_steps(40, every=10) == [1, 2, 5, 10, 20, 30, 40]
+    assert snapshot_steps(40, explicit=[3, 99, 7]) == [3, 7]
+
+
+def test_capture_end_to_end_with_a_lora_run(tmp_path, encoder):
+    task = write_jsonl(tmp_path / "sentiment.jsonl", sentiment_rows(120))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(encoder), "--task", f"jsonl:{task}", "--method", "lora", "--r", "2",
+                 "--steps", "6", "--batch-size", "8", "--warmup-steps", "1", "--checkpoint-every", "2",
+                 "--output-dir", str(run), "--no-progress", "--eval-batch-size", "32"]) == 0
+    out = tmp_path / "capture"
+    assert main(["analyze", "capture", "--model", str(encoder), "--task", f"jsonl:{task}", "--steps", "6",
+                 "--every", "2", "--r", "2", "--batch-size", "8", "--warmup-steps", "1", "--lr", "1e-2",
+                 "--full-lr", "1e-3", "--out", str(out), "--eval-batch-size", "32"]) == 0
+    result = json.loads((out / "capture.json").read_text())
+    lora = result["series"]["LoRA ΔW = BA"]
+    assert lora["steps"] == [2, 4, 5, 6]  # step 1 ran at lr 0 (warm-up): ΔW = 0, no ranking
+    assert all(0.0 <= v <= 1.0 for v in lora["accuracy"] + lora["recall"])
+    full = result["series"]["full fine-tune ΔW (at step t)"]
+    assert full["accuracy"][-1] == 1.0 and full["recall"][-1] == 1.0  # the reference against itself
+    assert (out / "capture.png").stat().st_size > 1000
+    assert (out / "full_ft" / "config.json").is_file()
+    # the same reference, LoRA snapshots read from the run's checkpoints (the newest two) and final adapter
+    out2 = tmp_path / "capture_run"
+    assert main(["analyze", "capture", "--lora-run", str(run), "--reference", str(out / "full_ft"),
+                 "--model", str(encoder), "--out", str(out2), "--no-plots"]) == 0
+    result2 = json.loads((out2 / "capture.json").read_text())
+    assert result2["series"]["LoRA ΔW = BA"]["steps"] == [4, 6]
+    assert "full fine-tune ΔW (at step t)" not in result2["series"]

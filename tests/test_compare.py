@@ -1,0 +1,217 @@
+"""`lora-tsd compare`: end to end on a tiny model and tiny JSONL tasks, resuming a half-finished grid, the lr
+selection on validation, and statistics (t quantiles, confidence intervals) against direct computations."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+
+import pytest
+from tiny_assets import make_encoder, sentiment_rows, write_jsonl
+
+from lora_tsd.atomic import atomic_write_json
+from lora_tsd.cli import main
+from lora_tsd.compare import (
+    GridSpec,
+    MethodVariant,
+    confidence_interval,
+    run_grid,
+    t_cdf,
+    t_quantile,
+    write_outputs,
+)
+from lora_tsd.errors import ConfigError, NonFiniteError
+from lora_tsd.train import RUN_MARKER, run_training
+
+# two-sided 95 % quantiles t_{0.975, df} (standard tables)
+T975 = {1: 12.7062047, 2: 4.3026527, 3: 3.1824463, 4: 2.7764451, 5: 2.5705818, 9: 2.2621572, 10: 2.2281389,
+        20: 2.0859634, 30: 2.0422725, 100: 1.9839715}
+
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_t_quantile_matches_tables(df):
+    assert t_quantile(0.975, df) == pytest.approx(T975[df], abs=2e-7)
+    assert t_cdf(T975[df], df) == pytest.approx(0.975, abs=1e-8)
+
+
+def test_t_quantile_other_levels():
+    assert t_quantile(0.995, 1) == pytest.approx(63.6567412, abs=1e-6)
+    assert t_quantile(0.95, 4) == pytest.approx(2.1318468, abs=1e-6)
+    assert t_quantile(0.75, 1) == pytest.approx(1.0, abs=1e-9)  # Cauchy quartile
+    assert t_quantile(0.025, 4) == pytest.approx(-T975[4], abs=2e-7)
+    assert t_quantile(0.975, 1e6) == pytest.approx(1.959964, abs=1e-5)  # → the normal quantile
+
+
+def test_confidence_interval_direct():
+    values = [0.012, -0.004, 0.02, 0.008, 0.001]
+    mean, low, high = confidence_interval(values)
+    half = T975[4] * statistics.stdev(values) / math.sqrt(5)
+    assert mean == pytest.approx(statistics.mean(values))
+    assert (low, high) == pytest.approx((mean - half, mean + half))
+    assert all(math.isnan(x) for x in confidence_interval([0.3])[1:])
+
+
+def test_method_variants():
+    v = MethodVariant.parse("dash:selector=top,dash_directions=4")
+    assert (v.label, v.method, dict(v.overrides)) == ("dash:selector=top,dash_directions=4", "dash",
+                                                      {"selector": "top", "dash_directions": 4})
+    with pytest.raises(ConfigError, match="grid axis"):
+        MethodVariant.parse("dash:lr=1e-3")
+    with pytest.raises(ConfigError, match="unknown option"):
+        MethodVariant.parse("dash:nope=1")
+
+
+# ------------------------------------------------------------------------------------- a fake trainer
+
+
+def fake_score(cfg) -> tuple[float, float]:
+    """Deterministic validation/test accuracy: dash is better by a seed-dependent margin; lr 1e-2 is best."""
+    base = 0.70 + 0.01 * cfg.seed + (0.05 if cfg.lr == 1e-2 else 0.0)
+    bonus = {"lora": 0.0, "dash": 0.02 + 0.005 * cfg.seed}.get(cfg.method, 0.01)
+    return base + bonus, base + bonus - 0.01
+
+
+class FakeTrainer:
+    """Writes the files compare reads (summary.json, metrics.jsonl) without training; counts its calls."""
+
+    def __init__(self, fail_lr: float | None = None) -> None:
+        self.calls: list[tuple[str, str, float, int]] = []
+        self.fail_lr = fail_lr
+
+    def __call__(self, cfg) -> None:
+        from pathlib import Path
+
+        out = Path(cfg.output_dir)
+        self.calls.append((cfg.task, cfg.method, cfg.lr, cfg.seed))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_MARKER, cfg.to_dict())
+        if cfg.lr == self.fail_lr:
+            raise NonFiniteError("non-finite loss at optimizer step 3")
+        val, test = fake_score(cfg)
+        (out / "metrics.jsonl").write_text("".join(json.dumps({"event": "step", "step": s, "loss": 1 / s})
+                                                   + "\n" for s in range(1, 5)))
+        atomic_write_json(out / "summary.json", {
+            "config": cfg.to_dict(), "metrics_before": {"test": {"accuracy": 0.5}},
+            "metrics_after": {"validation": {"accuracy": val}, "test": {"accuracy": test}},
+            "model": {"trainable_parameters": 100}, "switch_step": None, "wall_time_s": 1.0})
+
+
+def spec(**kw) -> GridSpec:
+    values = dict(model="tiny", tasks=["jsonl:/data/a.jsonl"], methods=[MethodVariant.parse("lora"),
+                                                                       MethodVariant.parse("dash")],
+                  seeds=[0, 1, 2, 3, 4], ranks=[2], lrs=[1e-3, 1e-2], tune_seeds=[0, 1],
+                  base={"steps": 4, "prelaunch_steps": 2})
+    values.update(kw)
+    return GridSpec(**values)
+
+
+def test_sweep_selects_on_validation_and_reports_paired_ci(tmp_path):
+    trainer = FakeTrainer()
+    grid = spec()
+    progress = run_grid(grid, tmp_path, train=trainer, say=lambda _: None)
+    # sweep: 2 methods × 2 lrs × 2 tuning seeds; then 2 methods × 3 other seeds at the chosen lr
+    assert progress.trained == 8 + 6 == len(trainer.calls)
+    assert {c[2] for c in trainer.calls[8:]} == {1e-2}
+    results = write_outputs(grid, tmp_path, plots=False, say=lambda _: None)
+    assert {(s["lr"], s["n"]) for s in results["summary"]} == {(1e-2, 5)}
+    (paired,) = results["paired"]
+    diffs = [0.02 + 0.005 * s for s in range(5)]
+    half = T975[4] * statistics.stdev(diffs) / math.sqrt(5)
+    assert paired["diffs"] == pytest.approx(diffs)
+    assert (paired["ci_low"], paired["ci_high"]) == pytest.approx((statistics.mean(diffs) - half,
+                                                                   statistics.mean(diffs) + half))
+    text = (tmp_path / "results.md").read_text()
+    assert "| dash | **+3.0 [+2.0, +4.0]** |" in text  # mean 0.03, half-width 2.7764·0.0079/√5 ≈ 0.0098
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 14 and {r["chosen_lr"] for r in rows if r["lr"] == "0.01"} == {"True"}
+    # re-invocation trains nothing
+    assert run_grid(grid, tmp_path, train=trainer, say=lambda _: None).trained == 0
+
+
+def test_failed_runs_rank_their_lr_last_and_are_not_retried(tmp_path):
+    trainer = FakeTrainer(fail_lr=1e-2)
+    grid = spec(seeds=[0, 1], tune_seeds=[0])
+    progress = run_grid(grid, tmp_path, train=trainer, say=lambda _: None)
+    assert progress.failed == 2 and progress.trained == 4 + 2
+    results = write_outputs(grid, tmp_path, plots=False, say=lambda _: None)
+    assert {s["lr"] for s in results["summary"]} == {1e-3}
+    assert run_grid(grid, tmp_path, train=trainer, say=lambda _: None).trained == 0
+    assert run_grid(grid, tmp_path, train=trainer, retry_failed=True, say=lambda _: None).trained == 2
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    return {"encoder": make_encoder(root / "tiny-bert", dropout=0.0),
+            "a": write_jsonl(root / "a.jsonl", sentiment_rows(120, seed=0)),
+            "b": write_jsonl(root / "b.jsonl", sentiment_rows(120, seed=1))}
+
+
+def compare_args(assets, out, *extra):
+    return ["compare", "--model", str(assets["encoder"]), "--tasks", f"jsonl:{assets['a']}", f"jsonl:{assets['b']}",
+            "--methods", "lora", "dash", "--seeds", "0", "1", "--r", "2", "--lr", "1e-2", "--steps", "4",
+            "--prelaunch-steps", "2", "--dash-directions", "2", "--batch-size", "8", "--warmup-steps", "1",
+            "--eval-batch-size", "32", "--out", str(out), *extra]
+
+
+def test_compare_end_to_end_and_resume(tmp_path, assets, capsys):
+    out = tmp_path / "grid"
+    calls = []
+
+    def counting(cfg):
+        calls.append(cfg.output_dir)
+        return run_training(cfg)
+
+    from lora_tsd import compare
+
+    args = compare_args(assets, out)
+    parser_args = _parse(args)
+    half = run_grid(compare.spec_from_args(parser_args), out, train=counting, max_runs=3, say=lambda _: None)
+    assert (half.trained, half.pending) == (3, 5)
+    finished = {p: (out / p / "summary.json").stat().st_mtime_ns for p in
+                [c.split(str(out) + "/")[1] for c in calls]}
+    # a run killed half-way: started (train_config.json) but no summary.json; it must be restarted
+    killed = out / "runs" / compare._slug(f"jsonl:{assets['b']}") / "dash" / "r2" / "lr0.01" / "seed1"
+    killed.mkdir(parents=True)
+    atomic_write_json(killed / RUN_MARKER, {"partial": True})
+    calls.clear()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "grid: 5 trained (0 failed), 3 already there, 0 pending" in printed
+    for path, mtime in finished.items():
+        assert (out / path / "summary.json").stat().st_mtime_ns == mtime  # not redone
+    assert (killed / "summary.json").is_file()
+    for name in ("results.csv", "results.json", "results.md", "accuracy.png"):
+        assert (out / name).is_file(), name
+    curves = sorted(p.name for p in out.glob("curves_*.png"))
+    assert len(curves) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 8 and all(r["status"] == "done" for r in results["runs"])
+    # the paired CI in results.json equals a direct computation from results.csv
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    for p in results["paired"]:
+        test = {(r["method"], int(r["seed"])): float(r["test_accuracy"]) for r in rows if r["task"] == p["task"]}
+        diffs = [test[("dash", s)] - test[("lora", s)] for s in (0, 1)]
+        mean = statistics.mean(diffs)
+        half = T975[1] * statistics.stdev(diffs) / math.sqrt(2)
+        assert p["diff_mean"] == pytest.approx(mean, abs=1e-12)
+        assert (p["ci_low"], p["ci_high"]) == pytest.approx((mean - half, mean + half), abs=1e-9)
+    switches = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["event"] == "switch"]
+    assert switches == [2]
+    # a third invocation trains nothing; other settings for the same folder are refused
+    assert main(args) == 0
+    assert "grid: 0 trained (0 failed), 8 already there" in capsys.readouterr().out
+    assert main(compare_args(assets, out, "--max-train", "50")) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def _parse(args):
+    from lora_tsd.cli import build_parser
+
+    return build_parser().parse_args(args)
