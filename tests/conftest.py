@@ -64,6 +64,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int, ac
     model.eval()
 
 
+def trained_tiny(kind: str, method: str, steps: int, prelaunch_steps: int | None) -> nn.Module:
+    """A tiny model with a ``method`` adapter (r=4, s=3) after ``steps`` optimizer steps and lora_tsd.step calls."""
+    import lora_tsd
+
+    model = MODEL_FACTORIES[kind]()
+    cfg = lora_tsd.TSDConfig(method=method, r=4, dash_directions=3, target_modules=TARGETS[kind],
+                             prelaunch_steps=prelaunch_steps)
+    lora_tsd.attach(model, cfg)
+    opt = make_optimizer(model)
+    for n in range(steps):
+        train_step(model, opt, seed=n)
+        lora_tsd.step(model, opt)
+    return model
+
+
 @pytest.fixture(params=sorted(MODEL_FACTORIES))
 def model_kind(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import METHODS, MODEL_FACTORIES, TARGETS, logits, make_optimizer, token_batch, train_step
+from conftest import METHODS, MODEL_FACTORIES, logits, token_batch, trained_tiny
 from peft import PeftModel
 
 import lora_tsd
@@ -16,15 +16,7 @@ EXPORT_RANK = {"lora": 4, "dash": 4 + 3, "init": 2 * 4, "pissa": 2 * 4, "milora"
 
 def trained_model(kind: str, method: str, steps: int = 5):
     """A tiny model trained past its switch (t = 2), so A, B, c and the residual are all non-trivial."""
-    model = MODEL_FACTORIES[kind]()
-    cfg = lora_tsd.TSDConfig(method=method, r=4, dash_directions=3, target_modules=TARGETS[kind],
-                             prelaunch_steps=2 if method in ("dash", "init", "tsd") else None)
-    lora_tsd.attach(model, cfg)
-    opt = make_optimizer(model)
-    for n in range(steps):
-        train_step(model, opt, seed=n)
-        lora_tsd.step(model, opt)
-    return model
+    return trained_tiny(kind, method, steps, prelaunch_steps=2 if method in ("dash", "init", "tsd") else None)
 
 
 @pytest.mark.parametrize("method", METHODS)

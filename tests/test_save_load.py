@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, TARGETS, logits, make_optimizer, token_batch, train_step
+from conftest import MODEL_FACTORIES, logits, token_batch, trained_tiny
 from safetensors.torch import load_file, save_file
 
 import lora_tsd
@@ -52,15 +52,7 @@ def run_fresh(tmp_path, kind: str, adapter, more_steps: int = 0) -> tuple[torch.
 
 
 def build(kind: str, method: str, steps: int):
-    model = MODEL_FACTORIES[kind]()
-    cfg = lora_tsd.TSDConfig(method=method, r=4, dash_directions=3, target_modules=TARGETS[kind],
-                             prelaunch_steps=T)
-    lora_tsd.attach(model, cfg)
-    opt = make_optimizer(model)
-    for n in range(steps):
-        train_step(model, opt, seed=n)
-        lora_tsd.step(model, opt)
-    return model
+    return trained_tiny(kind, method, steps, prelaunch_steps=T)
 
 
 @pytest.mark.parametrize("method", ["tsd"])  # tsd has both a dash term and an init residual
