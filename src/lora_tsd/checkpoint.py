@@ -3,7 +3,8 @@
 A checkpoint ``<run>/checkpoints/step-0000042/`` holds:
 
 - ``adapter/``: the adapter in the library's format (tensors, buffers: phase, step, directions; the head);
-- ``trainer_state.safetensors``: optimizer state tensors and the RNG states (torch CPU and CUDA);
+- ``trainer_state.safetensors``: full (unsharded) optimizer state tensors keyed by parameter name, and every
+  rank's RNG states (torch CPU and CUDA);
 - ``trainer_state.json``: optimizer hyper-parameters, scheduler state, the optimizer step, run metadata;
 - ``manifest.json``: SHA-256 of every other file, written last.
 
@@ -31,6 +32,7 @@ from torch import nn
 from .adapter_io import save_adapter
 from .atomic import _fsync_dir, atomic_write, atomic_write_json, file_sha256
 from .errors import AdapterFormatError
+from .sharding import full, is_writer
 
 CHECKPOINTS = "checkpoints"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -43,42 +45,70 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
 
 
+def _world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.torch": torch.get_rng_state()}
+    """Every rank's RNG states (a collective in a distributed run): dropout draws differ per rank."""
+    own = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = state
-    return out
+            own[f"cuda.{i}"] = state
+    rank, world = _world()
+    gathered: list[Any] = [own]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, own)
+    return {f"rng.{r}.{key}": value for r, states in enumerate(gathered) for key, value in states.items()}
 
 
 def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    """This rank's RNG states (rank 0's when the checkpoint came from a run with fewer processes)."""
+    rank, _ = _world()
+    prefix = f"rng.{rank}." if f"rng.{rank}.torch" in tensors else "rng.0."
+    torch.set_rng_state(tensors[prefix + "torch"])
+    cuda = sorted((k for k in tensors if k.startswith(prefix + "cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
-def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer ``state_dict`` → (tensors for safetensors, JSON-able rest)."""
+def _state_dict_options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Full (unsharded) tensors keyed by parameter name: the same file serves DDP, FSDP2 and single-process
+    # runs, whatever the number of processes that resumes it.
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def _split_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state (all-gathered from FSDP2 shards; a collective) → (tensors for safetensors, JSON rest)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state_dict = get_optimizer_state_dict(model, optimizer, options=_state_dict_options())
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for pid, state in state_dict["state"].items():
+    for name, state in state_dict["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"optim.{name}.{key}"] = full(value).contiguous().cpu()
             else:
-                scalars.setdefault(str(pid), {})[key] = value
+                scalars.setdefault(name, {})[key] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for pid, values in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(values)
+            name, field = key.removeprefix("optim.").rsplit(".", 1)
+            state.setdefault(name, {})[field] = value
+    for name, values in meta["scalars"].items():
+        state.setdefault(name, {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -92,15 +122,23 @@ def save_checkpoint(
     keep: int = 2,
     fault: Any = None,
 ) -> Path:
-    """Write the checkpoint of optimizer step ``step`` atomically; keep the newest ``keep`` checkpoints."""
+    """Write the checkpoint of optimizer step ``step`` atomically; keep the newest ``keep`` (0: keep all).
+
+    In a distributed run every rank must call it (sharded adapter and optimizer tensors and every rank's RNG
+    states are gathered); rank 0 writes.
+    """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    writer = is_writer()
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp / "adapter", base_model_name=extra.get("model"))
     if fault is not None:
         fault("checkpoint-write", step)  # test hook: a kill in the middle of a checkpoint write
-    opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
+    opt_tensors, opt_meta = _split_optimizer_state(model, optimizer)
     tensors = {**opt_tensors, **_rng_tensors()}
+    if not writer:
+        return final
     atomic_write(tmp / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
     atomic_write_json(tmp / STATE_JSON, {"step": step, "optimizer": opt_meta,
                                          "scheduler": scheduler.state_dict(), **extra})
@@ -169,16 +207,24 @@ class TrainerState:
     meta: dict[str, Any]
 
 
-def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Restore optimizer, scheduler and RNG states from a verified checkpoint; return its step and metadata."""
+def load_trainer_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+                       ) -> TrainerState:
+    """Restore optimizer, scheduler and RNG states from a verified checkpoint; return its step and metadata.
+
+    ``model`` is the (possibly FSDP2-sharded) model the optimizer was built on; every rank reads the full state
+    and keeps its own shard.
+    """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     try:
         meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
         tensors = load_file(str(path / STATE_TENSORS))
     except (OSError, json.JSONDecodeError, ValueError) as err:
         raise AdapterFormatError(f"checkpoint {path} cannot be read: {err}") from None
     try:
-        optimizer.load_state_dict(_join_optimizer_state(tensors, meta["optimizer"]))
-    except (ValueError, KeyError, RuntimeError) as err:
+        set_optimizer_state_dict(model, optimizer, _join_optimizer_state(tensors, meta["optimizer"]),
+                                 options=_state_dict_options())
+    except (ValueError, KeyError, RuntimeError, AssertionError) as err:
         raise AdapterFormatError(f"checkpoint {path}: the optimizer state does not fit this run: {err}") from None
     scheduler.load_state_dict(meta["scheduler"])
     _restore_rng(tensors)

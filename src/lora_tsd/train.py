@@ -97,9 +97,9 @@ class TrainConfig(DictConfig):
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         check_method(self.method)
         self.tsd_config()  # validates the method fields now, before anything is loaded
-        if self.fsdp and (self.checkpoint_every or self.method in EXTERNAL_METHODS):
-            raise ConfigError("--fsdp supports the lora-tsd methods without --checkpoint-every for now (FSDP2 "
-                              "checkpoints are not implemented yet); use DDP for resumable runs")
+        if self.fsdp and self.method in EXTERNAL_METHODS:
+            raise ConfigError(f"--fsdp supports the lora-tsd methods; run the external {self.method} baseline "
+                              "with DDP")
         if self.method in EXTERNAL_METHODS and self.checkpoint_every:
             raise ConfigError(f"--checkpoint-every/--resume are not supported for the external {self.method} "
                               "baseline")
@@ -299,12 +299,13 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     first_step = 1
     if ckpt is not None:
-        restored = load_trainer_state(ckpt, optimizer, scheduler)
+        restored = load_trainer_state(ckpt, model, optimizer, scheduler)
         state_meta, first_step = restored.meta, restored.step + 1
         before = state_meta["metrics_before"]
         say(f"resuming {out} from {ckpt.name} (optimizer step {restored.step})")
     elif resume:
         raise ConfigError(f"no checkpoint to resume from in {out / 'checkpoints'}; start the run again")
+    plain_optimizer = optimizer  # checkpoints read the torch optimizer, not accelerate's wrapper
     if not sharded:  # DDP (or nothing) from accelerate; FSDP2 modules were sharded above
         model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
@@ -367,8 +368,8 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
             if main_process:
                 log.write({"event": "eval", "step": opt_step, "split": "validation", **metrics})
                 bar.write(f"step {opt_step}: validation {_fmt(metrics)}")
-        if cfg.checkpoint_every and opt_step % cfg.checkpoint_every == 0 and main_process:
-            save_checkpoint(out, opt_step, core, optimizer, scheduler, fault=_fault,
+        if cfg.checkpoint_every and opt_step % cfg.checkpoint_every == 0:  # every rank: a collective
+            save_checkpoint(out, opt_step, core, plain_optimizer, scheduler, fault=_fault,
                             extra={"model": cfg.model, "metrics_before": before, "skipped_steps": skipped})
         accelerator.wait_for_everyone()
     bar.close()
