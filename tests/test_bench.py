@@ -50,28 +50,3 @@ def test_interleaved_rotates_and_caps() -> None:
                               fewer={"b": 1})
     assert calls == ["a", "b", "b", "a", "a", "a"]  # warm-up a b; then b a; a (b capped); a
     assert len(times["a"]) == 3 and len(times["b"]) == 1
-
-
-def test_pooled_switch_selects_what_the_switch_selects() -> None:
-    """The proposed pooled switch is a drop-in: same directions, same buffers."""
-    import torch
-
-    from lora_tsd import TSDConfig, adapted_layers, attach, switch
-
-    def build() -> torch.nn.Module:
-        torch.manual_seed(0)
-        model = bench.SmolLinears(2, 24, 8, 40)
-        attach(model, TSDConfig(method="dash", r=4, dash_directions=3, target_modules=bench.SMOL_TARGETS,
-                                prelaunch_steps=1))
-        with torch.no_grad():
-            for _, layer in adapted_layers(model):
-                layer.lora_B.normal_()
-        return model
-
-    a, b = build(), build()
-    switch(a)
-    bench.pooled_switch(b, workers=2)
-    for (_, la), (_, lb) in zip(adapted_layers(a), adapted_layers(b), strict=True):
-        assert torch.equal(la.dash_idx, lb.dash_idx)
-        assert torch.allclose(la.dash_U, lb.dash_U, atol=1e-5) and torch.allclose(la.dash_V, lb.dash_V, atol=1e-5)
-        assert lb.is_switched

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import METHODS, MODEL_FACTORIES, TARGETS, logits, make_optimizer, token_batch, train_step
+from conftest import METHODS, MODEL_FACTORIES, TARGETS, logits, make_optimizer, tiny_llama, token_batch, train_step
 
 import lora_tsd
 from lora_tsd.layer import PHASE_PRELAUNCH, PHASE_SWITCHED
@@ -195,3 +195,37 @@ def test_gradient_probe_ranks_by_the_full_weight_gradient():
         assert int(layer.phase) == PHASE_SWITCHED and int(layer.step) == 0
     assert (logits(model, ids0) - pretrained).abs().max() <= 1e-5
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_switch_in_parallel_selects_what_the_serial_switch_selects(workers):
+    """The CPU switch decomposes several layers at once; it is a drop-in for the serial one: same directions,
+    same buffers, and the thread count of the caller is restored."""
+    def build() -> torch.nn.Module:
+        model = tiny_llama()
+        lora_tsd.attach(model, lora_tsd.TSDConfig(method="tsd", r=4, dash_directions=3, prelaunch_steps=1,
+                                                  target_modules=TARGETS["llama"]))
+        with torch.no_grad():
+            for _, layer in lora_tsd.adapted_layers(model):
+                layer.lora_B.normal_()
+        return model
+
+    a, b = build(), build()
+    threads = torch.get_num_threads()
+    lora_tsd.switch(a, workers=1)
+    lora_tsd.switch(b, workers=workers)
+    assert torch.get_num_threads() == threads
+    for (_, la), (_, lb) in zip(lora_tsd.adapted_layers(a), lora_tsd.adapted_layers(b), strict=True):
+        assert lb.is_switched
+        for key in ("dash_idx", "init_idx"):
+            assert torch.equal(getattr(la, key), getattr(lb, key)), key
+        for key in ("dash_U", "dash_V", "lora_A", "lora_B", "init_B0", "init_A0"):
+            assert torch.allclose(getattr(la, key), getattr(lb, key), atol=1e-5), key
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_switch_rejects_a_bad_worker_count(workers):
+    model = lora_tsd.attach(tiny_llama(), lora_tsd.TSDConfig(method="dash", r=4, dash_directions=3,
+                                                             prelaunch_steps=1, target_modules=TARGETS["llama"]))
+    with pytest.raises(lora_tsd.ConfigError, match="workers must be a positive integer"):
+        lora_tsd.switch(model, workers=workers)

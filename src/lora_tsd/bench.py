@@ -12,6 +12,7 @@ Targets (issue 5), each printed as one row of the result table:
    plus the low-rank projections; warm (content-keyed SVD cache) < 2 s; peak extra memory of the switch vs the
    peak of one layer's SVD + projections.
 4. Inference: merged model vs base model (structure and time), unmerged forward overhead.
+5. The switch split across 2 gloo processes sharing the cores vs the 1-process switch (≤ 0.6×).
 
 Method
 ------
@@ -54,7 +55,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
@@ -64,7 +64,6 @@ from .config import TSDConfig
 from .directions import ThinSVD, projections, thin_svd
 from .layer import PHASE_PRELAUNCH, TSDLinear
 from .model import adapted_layers, attach, merge
-from .svd_cache import cached_thin_svd
 
 MiB = 1024 * 1024
 
@@ -145,14 +144,18 @@ ROWS: list[tuple[str, str, str]] = [
     ("T3.2", "cold switch, seconds", "report"),
     ("T3.3", "warm switch with the SVD cache, seconds", "< 2"),
     ("T3.4", "first switch filling the cache, seconds", "report"),
-    ("T3.5", "switch peak extra memory / one layer's SVD + projections peak", "≤ 1.10"),
-    ("T3.6", "proposed pooled switch (1 BLAS thread per SVD) / cold switch", "report"),
+    ("T3.5", "serial switch peak extra memory / one layer's SVD + projections peak", "≤ 1.10"),
+    ("T3.6", "default switch (layers in parallel, 1 thread per SVD) / serial switch (all threads per SVD)",
+     "report"),
+    ("T3.7", "default switch peak extra memory / (workers × one layer's peak)", "≤ 1.10"),
     ("T4.1", "merged/base forward time, whole MiniLM", "= 1 (same modules)"),
     ("T4.2", "merged model has the base model's modules and shapes (1 = yes)", "= 1"),
     ("T4.3", "unmerged dash/base forward time, whole MiniLM", "report"),
     ("T4.4", "unmerged lora/base forward time, whole MiniLM", "report"),
     ("T4.5", "unmerged dash/base forward time, layer A", "report"),
     ("T4.6", "unmerged dash/base forward time, layer B", "report"),
+    ("T5.1", "2-process switch / 1-process serial switch (same 2 cores)", "≤ 0.6"),
+    ("T5.2", "2-process switch / 1-process default switch (same 2 cores)", "report"),
 ]
 ROW_KEYS = [key for key, _, _ in ROWS]
 
@@ -781,19 +784,8 @@ def _reset_switch(model: nn.Module) -> None:
         layer.phase.fill_(PHASE_PRELAUNCH)
 
 
-def _switch_with_cache(model: nn.Module, cache_dir: Path) -> None:
-    """``schedule.switch`` reading SVDs through :func:`cached_thin_svd` (however the switch is wired to it)."""
-    params = inspect.signature(schedule.switch).parameters
-    for name in ("svd_cache", "cache_dir"):
-        if name in params:
-            schedule.switch(model, **{name: cache_dir})
-            return
-    with mock.patch.object(schedule, "thin_svd", lambda w: cached_thin_svd(w, cache_dir)):
-        schedule.switch(model)
-
-
 def _floor(model: nn.Module) -> None:
-    """What the switch cannot avoid: one fp32 thin SVD per matrix plus the low-rank projections."""
+    """What the switch cannot avoid: one fp32 thin SVD per matrix plus the low-rank projections, in turn."""
     for _, layer in adapted_layers(model):
         svd = thin_svd(layer.weight_view())
         projections(svd, (layer.lora_B.detach() * layer.scaling, layer.lora_A.detach()))
@@ -810,100 +802,62 @@ def intra_op_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def pooled_switch(model: nn.Module, workers: int) -> None:
-    """The change this bench proposes for ``schedule.switch`` (issue 5, target 3), for measurement.
+def switch_model(st: Settings) -> nn.Module:
+    """SmolLM2's 210 target matrices (random weights, seed 3) with dash adapters whose B A is random."""
+    hidden, kv, inter = st.switch_dims
+    torch.manual_seed(3)
+    model = SmolLinears(st.switch_layers, hidden, kv, inter).requires_grad_(False)
+    attach(model, TSDConfig(method="dash", r=st.rank, dash_directions=st.dash, target_modules=SMOL_TARGETS,
+                            prelaunch_steps=1))
+    _randomize(model, torch.Generator().manual_seed(3))
+    return model
 
-    Every layer is decomposed and ranked by ``schedule._select_for_layer`` in a pool of ``workers`` threads,
-    each SVD single-threaded (intra-op threads = 1 during the switch), then applied in layer order. The
-    selections are the same; at most ``workers`` full SVDs are alive at once (a worker keeps only the
-    selected directions). Multi-threaded LAPACK SVDs of these sizes spend their time in OpenMP barriers,
-    which collapse when another process competes for the cores; one SVD per core does not.
-    """
-    from concurrent.futures import ThreadPoolExecutor
 
-    layers = adapted_layers(model)
-    config = layers[0][1].config
-    ri, s = config.init_size, config.dash_size
-    dash_start = ri if (ri and s and config.dash_placement == "next") else 0
+def _dash_indices(model: nn.Module) -> list[torch.Tensor]:
+    return [layer.dash_idx.clone() for _, layer in adapted_layers(model)]
 
-    takes_inputs = "inputs" in inspect.signature(schedule._select_for_layer).parameters
 
-    def select(item: tuple[int, tuple[str, TSDLinear]]) -> tuple[ThinSVD, torch.Tensor]:
-        index, (name, layer) = item
-        if takes_inputs:  # the switch gathers (possibly FSDP-sharded) W, B, A first
-            return schedule._select_for_layer(name, layer, config, index, None, schedule._switch_inputs(layer))
-        return schedule._select_for_layer(name, layer, config, index, None)
-
-    with intra_op_threads(1), ThreadPoolExecutor(max(1, workers)) as pool:
-        selections = list(pool.map(select, enumerate(layers)))
-    for (_, layer), (ranked, idx) in zip(layers, selections, strict=True):
-        layer.apply_switch(ranked, idx, ri, dash_start, s)
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> int:
+    return sum(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def run_switch(report: Report, st: Settings, cache_root: Path | None) -> None:
-    """Target 3: cold switch vs its floor, warm switch with the SVD cache, peak extra memory."""
-    hidden, kv, inter = st.switch_dims
-    model = SmolLinears(st.switch_layers, hidden, kv, inter).requires_grad_(False)
-    cfg = TSDConfig(method="dash", r=st.rank, dash_directions=st.dash, target_modules=SMOL_TARGETS,
-                    prelaunch_steps=1)
-    attach(model, cfg)
-    _randomize(model, torch.Generator().manual_seed(3))
+    """Target 3 (cold switch vs its floor, warm switch with the SVD cache, peak extra memory) and target 5."""
+    model = switch_model(st)
     layers = adapted_layers(model)
+    hidden, kv, inter = st.switch_dims
     case = f"{len(layers)} matrices ({st.switch_layers} layers of {hidden}/{kv}/{inter})"
-
+    workers = schedule._workers(layers[0][1], None)
     selected: dict[str, list[torch.Tensor]] = {}
-
-    def cold() -> None:
-        _reset_switch(model)
-        schedule.switch(model)
-        selected["cold"] = [la.dash_idx.clone() for _, la in layers]
 
     def pooled() -> None:
         _reset_switch(model)
-        pooled_switch(model, st.threads)
-        selected["pooled"] = [la.dash_idx.clone() for _, la in layers]
+        schedule.switch(model)
+        selected["pooled"] = _dash_indices(model)
 
-    log(f"switch: cold vs Σ(SVD + projections) vs pooled, {len(layers)} matrices, {st.switch_reps} reps")
-    fns = {"cold switch": cold, "Σ SVD + projections": lambda: _floor(model), "pooled switch (proposal)": pooled}
-    try:  # the proposal calls private schedule helpers; if they changed, measure the rest
-        params = inspect.signature(schedule._select_for_layer).parameters
-        extra = [schedule._switch_inputs] if "inputs" in params else []
-        inspect.signature(schedule._select_for_layer).bind("n", None, None, 0, None, *extra)
-    except (AttributeError, TypeError) as err:
-        del fns["pooled switch (proposal)"]
-        report.rows["T3.6"].note = f"pooled switch not measured: schedule's helpers changed ({err})"
-    times = interleaved(fns, st.switch_reps, 0, fewer={"pooled switch (proposal)": 1})
-    m_cold, m_floor = Measure("cold switch", times["cold switch"]), Measure("Σ SVD + projections",
-                                                                          times["Σ SVD + projections"])
-    report.ratio("T3.1", m_cold, m_floor, case)
-    report.value("T3.2", m_cold.median, case)
-    if "pooled switch (proposal)" not in times:
-        run_switch_rest(report, st, cache_root, model, layers, case, cold, m_cold, m_floor, None)
-        return
-    m_pool = Measure("pooled switch (proposal)", times["pooled switch (proposal)"])
-    report.ratio("T3.6", m_pool, m_cold, case)
-    differ = [i for i, (a, b) in enumerate(zip(selected["cold"], selected["pooled"], strict=True))
-              if not torch.equal(a, b)]
-    note = f"{st.threads} workers; same dash directions as the current switch in {len(layers) - len(differ)}/" \
-           f"{len(layers)} matrices"
-    if differ:  # rounding of 1- vs multi-threaded LAPACK, or the pool? Compare with a serial 1-thread switch.
+    def serial() -> None:
         _reset_switch(model)
-        with intra_op_threads(1):
-            schedule.switch(model)
-        serial = [la.dash_idx.clone() for _, la in layers]
-        same_serial = sum(torch.equal(serial[i], selected["pooled"][i]) for i in differ)
-        note += (f"; the {len(differ)} others equal the serial single-threaded switch's in {same_serial}: "
-                 "the thread count of the SVD changes its rounding, near-ties in the ranking flip")
-    report.rows["T3.6"].note = note
-    run_switch_rest(report, st, cache_root, model, layers, case, cold, m_cold, m_floor, m_pool)
+        schedule.switch(model, workers=1)
+        selected["serial"] = _dash_indices(model)
 
+    log(f"switch: default ({workers} workers) vs serial vs Σ(SVD + projections), {len(layers)} matrices, "
+        f"{st.switch_reps} reps")
+    fns = {"switch (default)": pooled, "serial switch (workers=1)": serial,
+           "Σ SVD + projections": lambda: _floor(model)}
+    times = interleaved(fns, st.switch_reps, 0)
+    m_pool, m_serial, m_floor = (Measure(name, times[name]) for name in fns)
+    report.ratio("T3.1", m_pool, m_floor, case)
+    report.value("T3.2", m_pool.median, case, note=f"{workers} layers at a time, 1 intra-op thread each")
+    report.ratio("T3.6", m_pool, m_serial, case)
+    report.rows["T3.6"].note = (f"{workers} workers; same dash directions as the serial switch in "
+                                f"{_same(selected['pooled'], selected['serial'])}/{len(layers)} matrices (the "
+                                "SVD's thread count changes its last bits; near-ties in the ranking can flip)")
+    run_switch_distributed(report, st, case, m_pool, m_serial, selected["pooled"])
 
-def run_switch_rest(report: Report, st: Settings, cache_root: Path | None, model: nn.Module,
-                    layers: list[tuple[str, TSDLinear]], case: str, cold: Callable[[], None], m_cold: Measure,
-                    m_floor: Measure, m_pool: Measure | None) -> None:
-    """Target 3 after the timing: peak extra memory, then the warm switch with the SVD cache."""
-    # Peak extra memory: the whole switch vs one layer's SVD + projections (the largest matrix).
-    measure_memory(m_cold, cold, 0)
+    # Peak extra memory: the serial switch vs one layer's SVD + projections (the largest matrix); the default
+    # switch keeps up to `workers` layers' SVDs alive.
+    measure_memory(m_serial, serial, 0)
+    measure_memory(m_pool, pooled, 0)
     big = max((layer for _, layer in layers), key=lambda la: la.out_features * la.in_features)
 
     def one_layer() -> None:
@@ -914,31 +868,84 @@ def run_switch_rest(report: Report, st: Settings, cache_root: Path | None, model
     measure_memory(m_one, one_layer, 0)
     all_svds = sum(4 * min(la.out_features, la.in_features) * (la.out_features + la.in_features + 1)
                    for _, la in layers)
-    report.value("T3.5", m_cold.torch_extra / max(1, m_one.torch_extra), case,
-                 note=f"switch {_mib(m_cold.torch_extra)} MiB vs one layer {_mib(m_one.torch_extra)} MiB "
-                      f"(torch); RSS {_mib(m_cold.rss_extra)} vs {_mib(m_one.rss_extra)} MiB; keeping all "
+    one = max(1, m_one.torch_extra or 0)
+    report.value("T3.5", (m_serial.torch_extra or 0) / one, case,
+                 note=f"serial switch {_mib(m_serial.torch_extra)} MiB vs one layer {_mib(m_one.torch_extra)} MiB "
+                      f"(torch); RSS {_mib(m_serial.rss_extra)} vs {_mib(m_one.rss_extra)} MiB; keeping all "
                       f"{len(layers)} SVDs would take {_mib(all_svds)} MiB")
+    report.value("T3.7", (m_pool.torch_extra or 0) / (workers * one), case,
+                 note=f"default switch {_mib(m_pool.torch_extra)} MiB, {workers} workers")
 
     # Warm: a second run of the same base model reads every SVD from the content-keyed cache.
     with tempfile.TemporaryDirectory(dir=cache_root) as tmp:
         cache_dir = Path(tmp)
         _reset_switch(model)
         t0 = time.perf_counter()
-        _switch_with_cache(model, cache_dir)
+        schedule.switch(model, svd_cache=cache_dir)
         fill = time.perf_counter() - t0
         warm = []
         for _ in range(max(3, st.switch_reps)):
             _reset_switch(model)
             t0 = time.perf_counter()
-            _switch_with_cache(model, cache_dir)
+            schedule.switch(model, svd_cache=cache_dir)
             warm.append(time.perf_counter() - t0)
         size = sum(p.stat().st_size for p in (cache_dir / "svd").glob("*.safetensors"))
     m_warm = Measure("warm switch (SVD cache)", warm)
     report.value("T3.3", m_warm.median, case, note=f"cache {size / MiB:.0f} MiB on disk; min–max "
                                                    f"{min(warm):.3f}–{max(warm):.3f} s")
     report.value("T3.4", fill, case)
-    pooled = [m_pool] if m_pool is not None else []
-    report.add("switch", m_cold, m_floor, *pooled, m_one, m_warm, Measure("cache fill (cold + write)", [fill]))
+    report.add("switch", m_pool, m_serial, m_floor, m_one, m_warm, Measure("cache fill (cold + write)", [fill]))
+
+
+def _distributed_switch_worker(rank: int, world: int, port: int, st: Settings, reps: int, out: str) -> None:
+    """One rank of target 5: the same model on every rank, the switch's layers split across the ranks."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, st.threads // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = switch_model(st)
+        times = []
+        for _ in range(reps):
+            _reset_switch(model)
+            dist.barrier()
+            t0 = time.perf_counter()
+            schedule.switch(model)
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({f"{i}": t for i, t in enumerate(_dash_indices(model))}, f"{out}/idx.safetensors")
+            Path(out, "times.json").write_text(json.dumps(times), encoding="utf-8")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_switch_distributed(report: Report, st: Settings, case: str, m_pool: Measure, m_serial: Measure,
+                           pooled_idx: list[torch.Tensor]) -> None:
+    """Target 5: the switch split across 2 gloo processes (the cores shared between them) vs 1 process."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    world = 2
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log(f"switch: {world} processes (gloo), {max(1, st.threads // world)} thread(s) each, {st.switch_reps} reps")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_distributed_switch_worker, args=(world, port, st, st.switch_reps, tmp), nprocs=world, join=True)
+        times = json.loads(Path(tmp, "times.json").read_text(encoding="utf-8"))
+        idx = load_file(str(Path(tmp, "idx.safetensors")))
+    m_dist = Measure(f"switch, {world} processes", times)
+    same = _same([idx[str(i)] for i in range(len(pooled_idx))], pooled_idx)
+    report.ratio("T5.1", m_dist, m_serial, case)
+    report.rows["T5.1"].note = f"same dash directions as the 1-process default switch in {same}/{len(pooled_idx)}"
+    report.ratio("T5.2", m_dist, m_pool, case)
+    report.add("switch", m_dist)
 
 
 def _same_structure(a: nn.Module, b: nn.Module) -> bool:

@@ -12,8 +12,10 @@ weights change only here and in :func:`lora_tsd.load_adapter`, through ``TSDLine
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -62,12 +64,18 @@ def switch(
     optimizer: torch.optim.Optimizer | None = None,
     estimates: dict[str, torch.Tensor] | None = None,
     svd_cache: str | os.PathLike | None = None,
+    workers: int | None = None,
 ) -> None:
     """Select directions and apply the method's switch in every adapted layer now.
 
-    In a distributed run (``torch.distributed`` initialized) the SVDs are split across the ranks: each rank
-    decomposes and ranks every world-size-th layer, then the owners broadcast the selected directions, so
-    every rank applies exactly the same ones. Only one layer's full SVD is alive at a time per process.
+    On CPU the layers are decomposed ``workers`` at a time (default: torch's intra-op thread count), each SVD
+    with ``threads // workers`` intra-op threads: LAPACK's SVD of LLM-sized matrices scales poorly over
+    threads (most of its time goes to serial panel factorizations and OpenMP barriers), while independent
+    matrices scale with the cores. On a GPU the layers go one at a time (the device parallelizes each SVD).
+
+    In a distributed run (``torch.distributed`` initialized) the layers are also split across the ranks:
+    each rank decomposes and ranks its share, then the owners broadcast the selected directions, so every
+    rank applies exactly the same ones. At most ``workers`` full SVDs are alive at a time per process.
 
     Args:
         model: a model with TSD adapters, still in the pre-launch phase.
@@ -76,6 +84,9 @@ def switch(
             default the layer's own pre-launch update ``(α/r)·B A``.
         svd_cache: folder of the content-keyed on-disk SVD cache; a second run on the same base weights
             (another seed or method, a resume) reads the decompositions instead of recomputing them.
+        workers: how many layers one process decomposes at once (CPU); 1 runs them serially, each SVD
+            with all threads. The SVD's thread count can change its last bits, and with them near-tied
+            rankings, so keep it fixed when comparing runs bit for bit.
     """
     layers = require_adapters(model, "switch")
     config: TSDConfig = layers[0][1].config
@@ -85,26 +96,53 @@ def switch(
         raise ConfigError(f"method {config.method!r} re-initializes A and B at the switch: pass the optimizer "
                           "to lora_tsd.step(model, optimizer) so their optimizer state is reset")
     rank, world = _rank_and_world()
+    workers = _workers(layers[0][1], workers)
     ri, s = config.init_size, config.dash_size
     dash_start = ri if (ri and s and config.dash_placement == "next") else 0
-    # Rounds of `world` layers: rank j decomposes layer j of the round (in parallel), then the owners
-    # broadcast the selected directions. Gathering sharded (FSDP2) tensors is collective, so every rank
-    # gathers every layer's inputs in the same order, keeping only its own: one full SVD alive per process.
-    for start in range(0, len(layers), world):
-        round_layers = layers[start:start + world]
-        mine = None
-        for j, (name, layer) in enumerate(round_layers):
-            inputs = _switch_inputs(layer)
-            if j == rank:
-                mine = _select_for_layer(name, layer, config, start + j, estimates, inputs, svd_cache)
-        for j, (_, layer) in enumerate(round_layers):
-            ranked, indices = mine if j == rank else _empty_selection(layer, config)
-            if world > 1:
-                for t in (*ranked, indices):
-                    torch.distributed.broadcast(t, src=j)
-            layer.apply_switch(ranked, indices, ri, dash_start, s)
+    # Rounds of world × workers layers: rank j takes layers j, j + world, … of the round (decomposed by its
+    # worker pool), then the owners broadcast the selected directions. Gathering sharded (FSDP2) tensors is
+    # collective, so every rank gathers every layer's inputs in the same order, keeping only its own.
+    per_round = world * workers
+    with _intra_op_threads(max(1, torch.get_num_threads() // workers)), \
+            ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(layers), per_round):
+            round_layers = layers[start:start + per_round]
+            jobs = {}
+            for j, (name, layer) in enumerate(round_layers):
+                inputs = _switch_inputs(layer)
+                if j % world == rank:
+                    jobs[j] = pool.submit(_select_for_layer, name, layer, config, start + j, estimates, inputs,
+                                          svd_cache)
+            for j, (_, layer) in enumerate(round_layers):
+                ranked, indices = jobs[j].result() if j in jobs else _empty_selection(layer, config)
+                if world > 1:
+                    for t in (*ranked, indices):
+                        torch.distributed.broadcast(t, src=j % world)
+                layer.apply_switch(ranked, indices, ri, dash_start, s)
     if config.spec.has_init and optimizer is not None:
         reset_optimizer_state(optimizer, [p for _, layer in layers for p in (layer.lora_A, layer.lora_B)])
+
+
+def _workers(layer: TSDLinear, requested: int | None) -> int:
+    """Layers decomposed at once by one process: 1 on accelerators, else ``requested`` or the thread count."""
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ConfigError(f"workers must be a positive integer, got {requested!r}")
+        return requested
+    return 1 if layer.lora_A.device.type != "cpu" else max(1, torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """Torch's (and MKL's / OpenMP's) intra-op thread count set to ``n`` for the duration."""
+    old = torch.get_num_threads()
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
 
 
 def _switch_inputs(layer: TSDLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
