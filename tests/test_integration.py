@@ -29,7 +29,7 @@ def test_smollm2_dash_on_strategyqa_switches_and_eval_reproduces(tmp_path, capsy
     out = tmp_path / "smol"
     code = main(["train", "--model", "smollm2-135m", "--task", "bigbench:strategyqa", "--method", "dash",
                  "--rank", "4", "--prelaunch-steps", "3", "--steps", "5", "--batch-size", "4", "--max-train", "40",
-                 "--max-eval", "24", "--max-length", "96", "--bf16", "--eval-batch-size", "16",
+                 "--max-eval", "24", "--max-length", "96", "--eval-batch-size", "16",
                  "--output-dir", str(out), "--no-progress"])
     assert code == 0
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -990,12 +990,12 @@ def run_inference(report: Report, st: Settings, hf_ok: bool) -> None:
 # ------------------------------------------------------------------------------------------- impl
 
 
-class AddmmTSDLinear(TSDLinear):
-    """Candidate forward for ``TSDLinear``: the adapter product accumulated into the base output by one gemm.
+class TwoStepTSDLinear(TSDLinear):
+    """The previous ``TSDLinear`` forward, kept for comparison: ``result + B' (A' drop(x))``.
 
-    ``torch.addmm(result, A' drop(x), B'ᵀ)`` instead of ``result + (B' (A' drop(x)))``: one ``(tokens, out)``
-    temporary and one elementwise pass fewer. Used where the base output and the adapter share a dtype
-    (fp32 models) or under autocast (every matmul in the autocast dtype anyway); else the current path.
+    The current forward accumulates with ``torch.addmm(result, A' drop(x), B'ᵀ)`` instead: one ``(tokens, out)``
+    temporary and one elementwise pass fewer, where the base output and the adapter share a dtype (fp32
+    models) or under autocast.
     """
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -1004,15 +1004,11 @@ class AddmmTSDLinear(TSDLinear):
             return result
         B, A = self.factors()
         h = self.dropout(x.to(A.dtype))
-        z = torch.nn.functional.linear(h, A)  # (..., r+s)
-        if result.dtype == A.dtype or torch.is_autocast_enabled(x.device.type):
-            n = result.shape[-1]
-            return torch.addmm(result.reshape(-1, n), z.reshape(-1, z.shape[-1]), B.T).view(result.shape)
-        return result + torch.nn.functional.linear(z, B).to(result.dtype)
+        return result + torch.nn.functional.linear(torch.nn.functional.linear(h, A), B).to(result.dtype)
 
 
 class InplaceAddmmTSDLinear(TSDLinear):
-    """Candidate forward: as :class:`AddmmTSDLinear` but accumulating into the base output in place.
+    """Candidate forward: as the current ``torch.addmm`` forward but accumulating into the base output in place.
 
     No ``(tokens, out)`` temporary at all. Valid because ``nn.Linear`` / ``Conv1D`` do not save their output
     for backward; a base layer that did would make autograd raise at backward (never a silent error).
@@ -1031,7 +1027,7 @@ class InplaceAddmmTSDLinear(TSDLinear):
         return result + torch.nn.functional.linear(z, B).to(result.dtype)
 
 
-IMPLS: dict[str, type[TSDLinear]] = {"current": TSDLinear, "addmm": AddmmTSDLinear,
+IMPLS: dict[str, type[TSDLinear]] = {"current": TSDLinear, "two-step": TwoStepTSDLinear,
                                      "addmm_": InplaceAddmmTSDLinear}
 
 
@@ -1043,7 +1039,7 @@ def with_impl(model: nn.Module, impl: str) -> nn.Module:
 
 
 def run_impl(st: Settings) -> str:
-    """Candidate forward implementations (current / addmm / in-place addmm) for lora and dash, per layer."""
+    """Forward implementations (current addmm / previous two-step / in-place addmm) for lora and dash, per layer."""
     lines = [f"Candidate adapter forwards (training step, {st.tokens} tokens, fp32; median s, peak MiB = static "
              "+ step, torch allocator; max |Δy| vs the current forward)", "",
              "| layer | method | impl | median s | min s | peak MiB | time / current | peak / current | max |Δy| |",

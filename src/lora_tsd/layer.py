@@ -170,8 +170,13 @@ class TSDLinear(nn.Module):
         if self._merged:
             return result
         B, A = self.factors()
-        h = self.dropout(x.to(A.dtype))
-        return result + F.linear(F.linear(h, A), B).to(result.dtype)
+        z = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r+s)
+        if result.dtype == A.dtype or torch.is_autocast_enabled(x.device.type):
+            # One gemm accumulates B' z into the base output: no (tokens, out) temporary, one pass fewer
+            # (docs/performance.md, "Candidate adapter forwards": 4-9 % faster, 14-16 % less step memory).
+            n = result.shape[-1]
+            return torch.addmm(result.reshape(-1, n), z.reshape(-1, z.shape[-1]), B.T).view(result.shape)
+        return result + F.linear(z, B).to(result.dtype)  # e.g. a bf16 base with fp32 adapters
 
     # ---------------------------------------------------------------------------------------- switch
 
