@@ -171,9 +171,10 @@ class TSDLinear(nn.Module):
             return result
         B, A = self.factors()
         z = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r+s)
-        if result.dtype == A.dtype or torch.is_autocast_enabled(x.device.type):
+        if result.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type):
             # One gemm accumulates B' z into the base output: no (tokens, out) temporary, one pass fewer
-            # (docs/performance.md, "Candidate adapter forwards": 4-9 % faster, 14-16 % less step memory).
+            # (docs/performance.md, "Candidate adapter forwards": CPU fp32 4-9 % faster, 14-16 % less step
+            # memory; under autocast on an H100 it gained nothing, so autocast keeps the two-step path).
             n = result.shape[-1]
             return torch.addmm(result.reshape(-1, n), z.reshape(-1, z.shape[-1]), B.T).view(result.shape)
         return result + F.linear(z, B).to(result.dtype)  # e.g. a bf16 base with fp32 adapters

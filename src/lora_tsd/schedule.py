@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -104,7 +104,7 @@ def switch(
     # collective, so every rank gathers every layer's inputs in the same order, keeping only its own.
     per_round = world * workers
     with _intra_op_threads(max(1, torch.get_num_threads() // workers)), \
-            ThreadPoolExecutor(workers) as pool:
+            (ThreadPoolExecutor(workers) if workers > 1 else _InlineExecutor()) as pool:
         for start in range(0, len(layers), per_round):
             round_layers = layers[start:start + per_round]
             jobs = {}
@@ -121,6 +121,21 @@ def switch(
                 layer.apply_switch(ranked, indices, ri, dash_start, s)
     if config.spec.has_init and optimizer is not None:
         reset_optimizer_state(optimizer, [p for _, layer in layers for p in (layer.lora_A, layer.lora_B)])
+
+
+class _InlineExecutor(contextlib.AbstractContextManager):
+    """``submit`` runs the call at once in this thread (a serial switch needs no thread pool)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # re-raised by .result(), as from a pool
+            future.set_exception(err)
+        return future
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _workers(layer: TSDLinear, requested: int | None) -> int:
