@@ -241,3 +241,35 @@ def test_dora_baseline_runs_through_the_same_loop(tmp_path, assets, capsys):
     assert json.loads((tmp_path / "dora-peft" / "adapter_config.json").read_text())["use_dora"] is True
     assert train(tmp_path, assets["encoder"], assets["cls"], "--method", "dora", "--checkpoint-every", "5",
                  name="ckpt")[0] == 2
+
+
+def test_gradient_estimator_switches_before_training(tmp_path, assets):
+    """--init-estimator gradient: the probe ranks by the accumulated full-weight gradient and switches at step 0,
+    then training runs in the switched phase; the selected directions are those of the library's probe."""
+    code, out = train(tmp_path, assets["encoder"], assets["cls"], "--method", "init", "--r", "4",
+                      "--init-estimator", "gradient", "--probe-batches", "3", "--steps", "60", "--lr", "1e-2",
+                      "--batch-size", "8", "--warmup-steps", "5", "--dropout", "0")
+    assert code == 0
+    s = summary(out)
+    assert s["phase"] == "switched" and s["switch_step"] == 0
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    switch = [e for e in events if e["event"] == "switch"]
+    assert switch == [{"event": "switch", "step": 0, "method": "init", "estimator": "gradient", "probe_batches": 3}]
+    assert {e["phase"] for e in events if e["event"] == "step"} == {"switched"}
+    assert s["metrics_after"]["test"]["accuracy"] >= 0.9
+
+    # The same directions from the library call on the same first three training batches.
+    import lora_tsd
+    from lora_tsd.train import batch_indices, load_for_run, read_run_config
+
+    cfg = read_run_config(out)
+    task, model, _, _, runner = load_for_run(cfg)
+    model = lora_tsd.attach(model, cfg.tsd_config(["classifier"]))
+    model.train()
+    batches = [[task.train[i] for i in batch_indices(len(task.train), cfg.batch_size, cfg.seed, k)] for k in range(3)]
+    lora_tsd.gradient_probe(model, batches, lambda m, b: runner.loss(m, b, torch.device("cpu")))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "adapter" / "tsd_adapter.safetensors"))
+    for name, layer in lora_tsd.adapted_layers(model):
+        assert torch.equal(saved[f"{name}.init_idx"], layer.init_idx), name

@@ -18,6 +18,7 @@ from .errors import AdapterFormatError, ConfigError
 from .layer import PHASE_NAMES
 from .model import adapted_layers, attach, resolve_targets, trainable_parameters
 from .peft_export import export_peft
+from .schedule import gradient_probe
 from .schedule import step as tsd_step
 from .sharding import is_writer
 
@@ -38,6 +39,14 @@ class TSDBackend:
 
     def step(self, core: nn.Module, optimizer: Any) -> bool:
         return tsd_step(core, optimizer, svd_cache=self.svd_cache)
+
+    @property
+    def needs_probe(self) -> bool:
+        """Whether the method switches before training, on a gradient probe (``init_estimator='gradient'``)."""
+        return self.config.spec.has_init and self.config.init_estimator == "gradient"
+
+    def probe(self, model: nn.Module, batches: Any, loss_fn: Any, optimizer: Any) -> None:
+        gradient_probe(model, batches, loss_fn, optimizer)
 
     def phase(self, core: nn.Module) -> str:
         return PHASE_NAMES[int(adapted_layers(core)[0][1].phase)]
@@ -69,6 +78,8 @@ class PeftDoraBackend:
                                  target_modules=targets, use_dora=True,
                                  modules_to_save=self.config.modules_to_save or None)
         return get_peft_model(model, peft_config)
+
+    needs_probe = False
 
     def step(self, core: nn.Module, optimizer: Any) -> bool:
         return False

@@ -50,6 +50,8 @@ TRAIN_HELP: dict[str, str] = {
     "eval_every": "evaluate on the validation split every N optimizer steps (0: only at the end)",
     "eval_batch_size": "sequences per evaluation batch",
     "checkpoint_every": "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 are kept)",
+    "probe_batches": "micro-batches of the gradient probe (--init-estimator gradient: init/tsd switch before "
+                     "training, ranking by the accumulated full-weight gradient)",
     "skip_nonfinite": "skip optimizer steps whose loss or gradient is NaN/inf (counted in the log) instead of stopping",
     "progress": "show a progress bar",
     "svd_cache": "reuse the switch's SVDs from the content-keyed cache in $LORA_TSD_CACHE/svd (changed weights miss)",

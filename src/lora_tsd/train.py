@@ -79,13 +79,14 @@ class TrainConfig(DictConfig):
     eval_every: int = 0
     eval_batch_size: int = 64
     checkpoint_every: int = 0
+    probe_batches: int = 8
     skip_nonfinite: bool = False
     fsdp: bool = False
     svd_cache: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "probe_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -305,6 +306,23 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
         say(f"resuming {out} from {ckpt.name} (optimizer step {restored.step})")
     elif resume:
         raise ConfigError(f"no checkpoint to resume from in {out / 'checkpoints'}; start the run again")
+    train = task.train
+    rank = accelerator.process_index
+    if ckpt is None and backend.needs_probe:
+        # LoRA-Init's gradient estimator (method.md §4): rank by the full-weight gradient accumulated over the
+        # first `probe_batches` training micro-batches (each rank its share), then switch; no optimizer step.
+        batches = [[train[i] for i in batch_indices(len(train), cfg.batch_size, cfg.seed, k)[rank::world]]
+                   for k in range(cfg.probe_batches)]
+
+        def probe_loss(module: torch.nn.Module, batch: list) -> torch.Tensor:
+            with autocast(cfg, device):
+                return runner.loss(module, batch, device)
+
+        model.train()
+        backend.probe(model, batches, probe_loss, optimizer)
+        model.zero_grad(set_to_none=True)
+        say(f"gradient probe over {cfg.probe_batches} batches: {cfg.method} selected its directions before "
+            "training")
     plain_optimizer = optimizer  # checkpoints read the torch optimizer, not accelerate's wrapper
     if not sharded:  # DDP (or nothing) from accelerate; FSDP2 modules were sharded above
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -314,12 +332,13 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
     if main_process:
         if ckpt is None:
             log.write({"event": "start", "method": cfg.method, **described})
+            if backend.needs_probe:
+                log.write({"event": "switch", "step": 0, "method": cfg.method, "estimator": "gradient",
+                           "probe_batches": cfg.probe_batches})
         else:
             _truncate_log(out / "metrics.jsonl", first_step - 1)
     skipped = int(state_meta.get("skipped_steps", 0))
 
-    train = task.train
-    rank = accelerator.process_index
     model.train()
     bar = tqdm(total=cfg.steps, initial=first_step - 1, desc=f"{cfg.method} r={cfg.r}",
                disable=not (cfg.progress and main_process))
