@@ -239,8 +239,7 @@ def test_dora_baseline_runs_through_the_same_loop(tmp_path, assets, capsys):
     assert main(["export", str(out), "--out", str(tmp_path / "merged"), "--merged"]) == 0
     assert main(["export", str(out), "--out", str(tmp_path / "dora-peft")]) == 0
     assert json.loads((tmp_path / "dora-peft" / "adapter_config.json").read_text())["use_dora"] is True
-    assert train(tmp_path, assets["encoder"], assets["cls"], "--method", "dora", "--checkpoint-every", "5",
-                 name="ckpt")[0] == 2
+    assert train(tmp_path, assets["encoder"], assets["cls"], "--method", "dora", "--fsdp", name="fsdp")[0] == 2
 
 
 def test_gradient_estimator_switches_before_training(tmp_path, assets):

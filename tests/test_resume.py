@@ -24,15 +24,18 @@ def setup(tmp_path_factory):
             "root": root}
 
 
-def cli(setup, out, *extra, fault=None, check=True):
+METHOD_ARGS = ["--method", "tsd", "--dash-directions", "2", "--prelaunch-steps", str(T)]
+
+
+def cli(setup, out, *extra, fault=None, check=True, method_args=METHOD_ARGS):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("LORA_TSD_FAULT", None)
     if fault:
         env["LORA_TSD_FAULT"] = fault
     cmd = [sys.executable, "-m", "lora_tsd.cli", "train", "--model", str(setup["model"]), "--task",
-           f"jsonl:{setup['task']}", "--output-dir", str(out), "--no-progress", "--method", "tsd", "--rank", "4",
-           "--dash-directions", "2", "--prelaunch-steps", str(T), "--steps", str(STEPS), "--batch-size", "8",
-           "--lr", "1e-2", "--dropout", "0.1", "--checkpoint-every", "1", "--eval-every", "3", *extra]
+           f"jsonl:{setup['task']}", "--output-dir", str(out), "--no-progress", *method_args, "--rank", "4",
+           "--steps", str(STEPS), "--batch-size", "8", "--lr", "1e-2", "--dropout", "0.1", "--checkpoint-every", "1",
+           "--eval-every", "3", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -93,3 +96,23 @@ def test_resume_without_checkpoints_is_an_error(setup):
     cli(setup, out, "--checkpoint-every", "0", "--steps", "1")
     proc = cli(setup, out, "--resume", check=False)
     assert proc.returncode == 2 and "no checkpoint to resume from" in proc.stderr
+
+
+def test_dora_baseline_kill_and_resume_is_bit_identical(setup):
+    """The external PEFT DoRA baseline checkpoints in PEFT's format and resumes bit-exactly too."""
+    dora = ["--method", "dora"]
+    reference = setup["root"] / "dora-reference"
+    cli(setup, reference, method_args=dora)
+    out = setup["root"] / "dora-killed"
+    killed = cli(setup, out, fault="step:6", check=False, method_args=dora)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "checkpoints" / "step-0000005" / "adapter" / "adapter_config.json").is_file()
+    resumed = cli(setup, out, "--resume", method_args=dora)
+    assert "resuming" in resumed.stdout
+    expected = load_file(str(reference / "peft" / "adapter_model.safetensors"))
+    got = load_file(str(out / "peft" / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys() and expected
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert json.loads((out / "summary.json").read_text())["metrics_after"] == \
+        json.loads((reference / "summary.json").read_text())["metrics_after"]

@@ -28,8 +28,6 @@ EXTERNAL_METHODS = ("dora",)
 class TSDBackend:
     """lora-tsd's own adapters (every method of :data:`lora_tsd.METHODS`)."""
 
-    resumable = True
-
     def __init__(self, config: TSDConfig, svd_cache: Path | None = None) -> None:
         self.config = config
         self.svd_cache = svd_cache
@@ -61,11 +59,16 @@ class TSDBackend:
         save_adapter(core, out / "adapter", base_model_name=model_name)
         export_peft(core, out / "peft", base_model_name=model_name, task_type=task_type)
 
+    def save_checkpoint_adapter(self, core: nn.Module, directory: Path, model_name: str) -> None:
+        save_adapter(core, directory, base_model_name=model_name)
+
+    def load_checkpoint_adapter(self, model: nn.Module, directory: Path) -> nn.Module:
+        """The base model with the checkpoint's adapter (phase, step and directions included)."""
+        return load_adapter(model, directory)
+
 
 class PeftDoraBackend:
     """PEFT's DoRA (weight-decomposed LoRA) with the same r, α, dropout and targets; no switch."""
-
-    resumable = False
 
     def __init__(self, config: TSDConfig, svd_cache: Path | None = None) -> None:
         self.config = config
@@ -95,6 +98,16 @@ class PeftDoraBackend:
         if is_writer():
             core.save_pretrained(out / "peft")
             (out / "adapter").symlink_to("peft", target_is_directory=True)
+
+    def save_checkpoint_adapter(self, core: nn.Module, directory: Path, model_name: str) -> None:
+        if is_writer():
+            core.save_pretrained(directory)
+
+    def load_checkpoint_adapter(self, model: nn.Module, directory: Path) -> nn.Module:
+        """The base model wrapped by PEFT with the checkpoint's DoRA weights, trainable as after ``attach``."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, directory, is_trainable=True)
 
 
 def make_backend(method: str, config: TSDConfig, svd_cache: Path | None = None) -> TSDBackend | PeftDoraBackend:

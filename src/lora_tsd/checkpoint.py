@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,18 +122,23 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep: int = 2,
     fault: Any = None,
+    write_adapter: Callable[[nn.Module, Path], None] | None = None,
 ) -> Path:
     """Write the checkpoint of optimizer step ``step`` atomically; keep the newest ``keep`` (0: keep all).
 
     In a distributed run every rank must call it (sharded adapter and optimizer tensors and every rank's RNG
-    states are gathered); rank 0 writes.
+    states are gathered); rank 0 writes. ``write_adapter(model, folder)`` replaces the lora-tsd adapter
+    format (the PEFT DoRA baseline saves its own).
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".partial")
     writer = is_writer()
     if writer:
         shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp / "adapter", base_model_name=extra.get("model"))
+    if write_adapter is None:
+        save_adapter(model, tmp / "adapter", base_model_name=extra.get("model"))
+    else:  # e.g. the PEFT DoRA baseline, saved in PEFT's own format
+        write_adapter(model, tmp / "adapter")
     if fault is not None:
         fault("checkpoint-write", step)  # test hook: a kill in the middle of a checkpoint write
     opt_tensors, opt_meta = _split_optimizer_state(model, optimizer)

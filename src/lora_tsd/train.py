@@ -28,7 +28,6 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .adapter_io import load_adapter
 from .atomic import atomic_write, atomic_write_json
 from .backends import EXTERNAL_METHODS, check_method, load_any_adapter, make_backend
 from .checkpoint import find_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
@@ -101,9 +100,6 @@ class TrainConfig(DictConfig):
         if self.fsdp and self.method in EXTERNAL_METHODS:
             raise ConfigError(f"--fsdp supports the lora-tsd methods; run the external {self.method} baseline "
                               "with DDP")
-        if self.method in EXTERNAL_METHODS and self.checkpoint_every:
-            raise ConfigError(f"--checkpoint-every/--resume are not supported for the external {self.method} "
-                              "baseline")
 
     def tsd_config(self, modules_to_save: list[str] | None = None) -> TSDConfig:
         # External baselines (DoRA) share r, alpha, dropout and targets; validate them as plain LoRA.
@@ -282,15 +278,13 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
 
     backend = make_backend(cfg.method, cfg.tsd_config(head_modules(model, runner)),
                            svd_cache=cache_dir() if cfg.svd_cache else None)
-    if resume and not backend.resumable:
-        raise ConfigError(f"--resume is not supported for the external {cfg.method} baseline")
     state_meta: dict[str, Any] = {}
     if ckpt is None:
         before = {"test": evaluate_split(model, runner, task.test, cfg, device)}
         say(f"untrained {cfg.model} on {cfg.task}: test {_fmt(before['test'])}")
         model = backend.attach(model)
     else:
-        load_adapter(model, ckpt / "adapter")
+        model = backend.load_checkpoint_adapter(model, ckpt / "adapter")
     world = accelerator.num_processes
     sharded = cfg.fsdp and world > 1
     if sharded:
@@ -389,6 +383,7 @@ def _train(cfg: TrainConfig, accelerator: Any, out: Path, ckpt: Path | None, res
                 bar.write(f"step {opt_step}: validation {_fmt(metrics)}")
         if cfg.checkpoint_every and opt_step % cfg.checkpoint_every == 0:  # every rank: a collective
             save_checkpoint(out, opt_step, core, plain_optimizer, scheduler, fault=_fault,
+                            write_adapter=lambda m, d: backend.save_checkpoint_adapter(m, d, cfg.model),
                             extra={"model": cfg.model, "metrics_before": before, "skipped_steps": skipped})
         accelerator.wait_for_everyone()
     bar.close()
