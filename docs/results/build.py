@@ -24,6 +24,7 @@ SOURCES = {
                                         "tsd_positions.png", "overlap.png"]),
     "capture-multiemo": ("capture-multiemo", ["capture.json", "capture.png", "spectra_full_fine-tune.png"]),
     "spectrum-tasks": ("spectrum-tasks", ["overlap.png"]),
+    "spectrum-vitaminc": ("spectrum-vitaminc", ["overlap.png"]),
     "minilm-multiemo4": ("minilm-multiemo4", ["results.csv", "results.json"]),
     "minilm-tasks": ("minilm-tasks", ["results.csv", "results.json", "results.md", "*.png"]),
     "minilm-ablations": ("minilm-ablations", ["results.csv", "results.json", "results.md", "*.png"]),
@@ -36,12 +37,13 @@ HEADLINE_GRIDS = ["minilm-multiemo", "minilm-tasks"]
 
 
 def import_outputs(grids: Path) -> None:
-    tasks = grids / "spectrum-tasks" / "spectrum.json"
-    if tasks.is_file():  # the per-layer rates are in spectrum-lora already; keep the summary and the overlap
-        report = json.loads(tasks.read_text())
-        small = {k: report[k] for k in ("top", "sources", "summary", "overlap")}
-        (HERE / "spectrum-tasks").mkdir(exist_ok=True)
-        (HERE / "spectrum-tasks" / "overlap.json").write_text(json.dumps(small, indent=1))
+    for pair in ("spectrum-tasks", "spectrum-vitaminc"):
+        tasks = grids / pair / "spectrum.json"
+        if tasks.is_file():  # keep the summary and the overlap; the per-layer rates are in spectrum-lora already
+            report = json.loads(tasks.read_text())
+            small = {k: report[k] for k in ("top", "sources", "summary", "overlap")}
+            (HERE / pair).mkdir(exist_ok=True)
+            (HERE / pair / "overlap.json").write_text(json.dumps(small, indent=1))
     for name, (folder, patterns) in SOURCES.items():
         src = grids / folder
         if not src.is_dir():
@@ -249,7 +251,28 @@ def tasks_section() -> list[str]:
             f"sentences, different labels): {o['mean']:.2f} of the top-{o['top']} TSDs shared per layer (median "
             f"{o['shared_directions_median']} of {o['top']}, range {o['shared_directions_min']}–"
             f"{o['shared_directions_max']}; chance {o['mean_chance']:.3f}). Compare with the two seeds of one task "
-            "above.", "", "![task overlap](results/spectrum-tasks/overlap.png)", ""]
+            "above.", "", "![task overlap](results/spectrum-tasks/overlap.png)", "", *unrelated_pair()]
+
+
+def unrelated_pair() -> list[str]:
+    """Two unrelated tasks (sentiment vs fact verification): the sharpest test of task-specificity here."""
+    pair = load("spectrum-vitaminc", "overlap.json")
+    if pair is None:
+        return []
+    o = pair["overlap"]
+    paths = " ".join(x["path"].split("/work/grids/")[-1].removesuffix("/adapter") for x in pair["sources"])
+    labels = [x["label"] for x in pair["sources"]]
+    seeds = load("spectrum-lora", "spectrum.json")
+    yardstick = (f" Two seeds of the same task share {seeds['overlap']['mean']:.2f}." if seeds and seeds.get("overlap")
+                 else "")
+    return ["### Two unrelated tasks: TSD overlap", "", "```bash",
+            f"lora-tsd analyze spectrum {paths} --labels {' '.join(labels)} --top {o['top']} --out spectrum-vitaminc",
+            "```", "",
+            f"LoRA r = 8, seed 0, on multiemo (2-class sentiment) and on vitaminc (3-way fact verification; the run "
+            f"of the second grid above): {o['mean']:.2f} of the top-{o['top']} TSDs shared per layer (median "
+            f"{o['shared_directions_median']} of {o['top']}, range {o['shared_directions_min']}–"
+            f"{o['shared_directions_max']}; chance {o['mean_chance']:.3f}).{yardstick}", "",
+            "![unrelated task overlap](results/spectrum-vitaminc/overlap.png)", ""]
 
 
 def _kind(name: str) -> str:
@@ -383,17 +406,19 @@ def paper_section() -> list[str]:
                          f"{ser['steps'][0]}–{ser['steps'][-1]} (chance {capture['chance']['accuracy']:.3f}) | "
                          f"{held} |")
     tasks = load("spectrum-tasks", "overlap.json")
-    if tasks:
-        o = tasks["overlap"]
-        labels = " vs ".join(x["label"] for x in tasks["sources"])
+    for pair, kind in ((tasks, "related"), (load("spectrum-vitaminc", "overlap.json"), "unrelated")):
+        if not pair:
+            continue
+        o = pair["overlap"]
+        labels = " vs ".join(x["label"] for x in pair["sources"])
         verdict = "see the seed yardstick in the next row"
         if spectrum and spectrum.get("overlap"):
             gap = o["mean"] - spectrum["overlap"]["mean"]
             verdict = ("held: fewer shared than between two seeds of one task" if gap < -0.05 else
-                       "not shown: the two related tasks share as many as two seeds of one task "
+                       f"not shown: the two {kind} tasks share as many as two seeds of one task "
                        f"(difference {gap:+.2f})")
         lines.append(f"| TSDs differ between tasks | SDXL subjects share 1–3 of the top-8 | LoRA, {labels} (seed 0 "
-                     f"each): {o['mean']:.2f} of the top-{o['top']} shared per layer (median "
+                     f"each, {kind} tasks): {o['mean']:.2f} of the top-{o['top']} shared per layer (median "
                      f"{o['shared_directions_median']} of {o['top']}; chance {o['mean_chance']:.3f}) | {verdict} |")
     seeds = ""
     if spectrum and spectrum.get("overlap"):
