@@ -243,13 +243,26 @@ def spectrum_section() -> list[str]:
     return lines
 
 
+def overlap_pair(folder: str) -> tuple[str, str] | None:
+    """The ``analyze spectrum`` command of a two-task overlap and its measured sentence, or None if not run."""
+    pair = load(folder, "overlap.json")
+    if pair is None:
+        return None
+    o = pair["overlap"]
+    paths = " ".join(x["path"].split("/work/grids/")[-1].removesuffix("/adapter") for x in pair["sources"])
+    labels = " ".join(x["label"] for x in pair["sources"])
+    command = f"lora-tsd analyze spectrum {paths} --labels {labels} --top {o['top']} --out {folder}"
+    shared = (f"{o['mean']:.2f} of the top-{o['top']} TSDs shared per layer (median {o['shared_directions_median']} "
+              f"of {o['top']}, range {o['shared_directions_min']}–{o['shared_directions_max']}; chance "
+              f"{o['mean_chance']:.3f})")
+    return command, shared
+
+
 def tasks_section() -> list[str]:
-    tasks = load("spectrum-tasks", "overlap.json")
-    if tasks is None:
+    pair = overlap_pair("spectrum-tasks")
+    if pair is None:
         return []
-    o = tasks["overlap"]
-    paths = " ".join(x["path"].split("/work/grids/")[-1].removesuffix("/adapter") for x in tasks["sources"])
-    labels = [x["label"] for x in tasks["sources"]]
+    command, shared = pair
     other = load("minilm-multiemo4", "results.json")
     made = []
     if other:
@@ -258,34 +271,24 @@ def tasks_section() -> list[str]:
                 f"{pct(s['test_mean'])} %, untrained head {pct(s['before_test_mean'])} %; "
                 "[`results/minilm-multiemo4/results.csv`](results/minilm-multiemo4/results.csv)):", "", "```bash",
                 re.sub(r"--out \S*/", "--out ", other["command"]), "```", ""]
-    return ["### Two tasks: TSD overlap", "", *made,
-            "```bash", f"lora-tsd analyze spectrum {paths} --labels {' '.join(labels)} --top {o['top']} "
-            "--out spectrum-tasks", "```", "",
+    return ["### Two tasks: TSD overlap", "", *made, "```bash", command, "```", "",
             f"LoRA r = 8, seed 0, on the 2-class and on the 4-class view of multiemo (the same kind of review "
-            f"sentences, different labels): {o['mean']:.2f} of the top-{o['top']} TSDs shared per layer (median "
-            f"{o['shared_directions_median']} of {o['top']}, range {o['shared_directions_min']}–"
-            f"{o['shared_directions_max']}; chance {o['mean_chance']:.3f}). Compare with the two seeds of one task "
-            "above.", "", "![task overlap](results/spectrum-tasks/overlap.png)", "", *unrelated_pair()]
+            f"sentences, different labels): {shared}. Compare with the two seeds of one task above.", "",
+            "![task overlap](results/spectrum-tasks/overlap.png)", "", *unrelated_pair()]
 
 
 def unrelated_pair() -> list[str]:
     """Two unrelated tasks (sentiment vs fact verification): the sharpest test of task-specificity here."""
-    pair = load("spectrum-vitaminc", "overlap.json")
+    pair = overlap_pair("spectrum-vitaminc")
     if pair is None:
         return []
-    o = pair["overlap"]
-    paths = " ".join(x["path"].split("/work/grids/")[-1].removesuffix("/adapter") for x in pair["sources"])
-    labels = [x["label"] for x in pair["sources"]]
+    command, shared = pair
     seeds = load("spectrum-lora", "spectrum.json")
     yardstick = (f" Two seeds of the same task share {seeds['overlap']['mean']:.2f}." if seeds and seeds.get("overlap")
                  else "")
-    return ["### Two unrelated tasks: TSD overlap", "", "```bash",
-            f"lora-tsd analyze spectrum {paths} --labels {' '.join(labels)} --top {o['top']} --out spectrum-vitaminc",
-            "```", "",
+    return ["### Two unrelated tasks: TSD overlap", "", "```bash", command, "```", "",
             f"LoRA r = 8, seed 0, on multiemo (2-class sentiment) and on vitaminc (3-way fact verification; the run "
-            f"of the second grid above): {o['mean']:.2f} of the top-{o['top']} TSDs shared per layer (median "
-            f"{o['shared_directions_median']} of {o['top']}, range {o['shared_directions_min']}–"
-            f"{o['shared_directions_max']}; chance {o['mean_chance']:.3f}).{yardstick}", "",
+            f"of the second grid above): {shared}.{yardstick}", "",
             "![unrelated task overlap](results/spectrum-vitaminc/overlap.png)", ""]
 
 

@@ -64,6 +64,7 @@ from .config import TSDConfig
 from .directions import ThinSVD, projections, thin_svd
 from .layer import PHASE_PRELAUNCH, TSDLinear
 from .model import adapted_layers, attach, merge
+from .schedule import intra_op_threads
 
 MiB = 1024 * 1024
 
@@ -788,17 +789,6 @@ def _floor(model: nn.Module) -> None:
     for _, layer in adapted_layers(model):
         svd = thin_svd(layer.weight_view())
         projections(svd, (layer.lora_B.detach() * layer.scaling, layer.lora_A.detach()))
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """Temporarily set torch's (and MKL's / OpenMP's) intra-op thread count."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def switch_model(st: Settings) -> nn.Module:

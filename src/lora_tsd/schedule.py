@@ -26,7 +26,7 @@ from .directions import ThinSVD, change_rates, select_directions
 from .errors import ConfigError, NonFiniteError
 from .layer import TSDLinear
 from .model import require_adapters
-from .sharding import full
+from .sharding import full, rank_and_world
 from .svd_cache import cached_thin_svd
 
 
@@ -95,7 +95,7 @@ def switch(
     if config.spec.has_init and optimizer is None and int(layers[0][1].step) > 0:
         raise ConfigError(f"method {config.method!r} re-initializes A and B at the switch: pass the optimizer "
                           "to lora_tsd.step(model, optimizer) so their optimizer state is reset")
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     workers = _workers(layers[0][1], workers)
     ri, s = config.init_size, config.dash_size
     dash_start = ri if (ri and s and config.dash_placement == "next") else 0
@@ -103,7 +103,7 @@ def switch(
     # worker pool), then the owners broadcast the selected directions. Gathering sharded (FSDP2) tensors is
     # collective, so every rank gathers every layer's inputs in the same order, keeping only its own.
     per_round = world * workers
-    with _intra_op_threads(max(1, torch.get_num_threads() // workers)), \
+    with intra_op_threads(max(1, torch.get_num_threads() // workers)), \
             (ThreadPoolExecutor(workers) if workers > 1 else _InlineExecutor()) as pool:
         for start in range(0, len(layers), per_round):
             round_layers = layers[start:start + per_round]
@@ -148,7 +148,7 @@ def _workers(layer: TSDLinear, requested: int | None) -> int:
 
 
 @contextlib.contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
+def intra_op_threads(n: int) -> Iterator[None]:
     """Torch's (and MKL's / OpenMP's) intra-op thread count set to ``n`` for the duration."""
     old = torch.get_num_threads()
     if n != old:
@@ -163,13 +163,6 @@ def _intra_op_threads(n: int) -> Iterator[None]:
 def _switch_inputs(layer: TSDLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Whole ``(W (out, in), B (out, r), A (r, in))`` of a layer (all-gathered if sharded)."""
     return layer.full_weight(), full(layer.lora_B), full(layer.lora_A)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _empty_selection(layer: TSDLinear, config: TSDConfig) -> tuple[ThinSVD, torch.Tensor]:
@@ -257,7 +250,7 @@ def gradient_probe(
         model.zero_grad(set_to_none=True)
     if n_batches == 0:
         raise ConfigError("gradient_probe got no batches")
-    if _rank_and_world()[1] > 1:  # every rank probed its own data: rank by the gradient of all of it
+    if rank_and_world()[1] > 1:  # every rank probed its own data: rank by the gradient of all of it
         for g in grads.values():
             torch.distributed.all_reduce(g)
     switch(model, optimizer, estimates=grads)

@@ -37,7 +37,14 @@ def assign(target: torch.Tensor, value: torch.Tensor) -> None:
             target.copy_(value)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` outside a distributed run."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_writer() -> bool:
     """Whether this process writes shared files: rank 0 of a distributed run, or the only process."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_and_world()[0] == 0
