@@ -91,6 +91,28 @@ MiB = 1024 * 1024
 RESULTS: dict[str, Any] = {"rows": [], "errors": [], "info": {}}
 
 
+FAKE_DRIVERS = False  # --fake-drivers: on a CPU, run the cuSOLVER-only paths with LAPACK standing in
+
+
+def _cusolver(device: torch.device) -> bool:
+    """Whether the cuSOLVER driver comparisons run: on CUDA, or on a CPU under ``--fake-drivers``."""
+    return device.type == "cuda" or FAKE_DRIVERS
+
+
+def _fake_cusolver_drivers() -> None:
+    """Let ``torch.linalg.svd(..., driver=...)`` run on CPU tensors (LAPACK for every driver): a smoke test of
+    the CUDA-only code paths of this script, including the library's checked ``gesvda``, without a GPU."""
+    global FAKE_DRIVERS
+    FAKE_DRIVERS = True
+    real = torch.linalg.svd
+
+    def svd(a: torch.Tensor, full_matrices: bool = True, *, driver: str | None = None, out: Any = None) -> Any:
+        return real(a, full_matrices=full_matrices) if a.device.type == "cpu" else real(
+            a, full_matrices=full_matrices, driver=driver)
+
+    torch.linalg.svd = svd
+
+
 def _available(name: str) -> bool:
     try:
         importlib.import_module(name)
@@ -338,42 +360,66 @@ def impl_section(args: argparse.Namespace, device: torch.device, clock: Clock, m
             _free(device)
 
 
+def _library_svd(w: torch.Tensor) -> tuple[ThinSVD, list[str]]:
+    """The library's CUDA SVD (``directions.checked_fast_svd``, what ``thin_svd`` calls), with the drivers it used."""
+    used: list[str] = []
+
+    def spy(a: torch.Tensor, full_matrices: bool = False, driver: str | None = None) -> Any:
+        used.append(str(driver))
+        return torch.linalg.svd(a, full_matrices=full_matrices, driver=driver)
+
+    return LT["directions"].checked_fast_svd(w, svd_fn=spy), used
+
+
 def svd_accuracy_section(args: argparse.Namespace, device: torch.device, clock: Clock) -> None:
-    """Which cuSOLVER driver ranks TSDs like an fp64 SVD, on a weight with a decaying spectrum (σ 1 → 1e-3)."""
+    """Which SVD ranks TSDs like an fp64 SVD: every cuSOLVER driver and the library's checked ``gesvda``, on
+    weights with a decaying spectrum (σ 1 → 1e-3) and an ill-conditioned one (σ 1 → 1e-7, as near-rank-deficient
+    pretrained matrices are), where the check should send the library to ``gesvd``."""
     n, m = args.shapes[0]
     k = min(n, m)
-    torch.manual_seed(7)
-    q1 = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, device=device))[0]
-    q2 = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, device=device))[0]
-    sigma = torch.logspace(0, -3, k, dtype=torch.float64, device=device)
-    w = ((q1 * sigma) @ q2.T).float()
-    del q1, q2
-    B = torch.randn(n, args.rank, device=device) * 1e-2
-    A = torch.randn(args.rank, m, device=device) * 1e-2
-    ref_svd = ThinSVD(*(t.float() for t in torch.linalg.svd(w.double(), full_matrices=False)))
-    ref = change_rates(w, (B, A), svd=ref_svd)
-    ref_top = select_directions(ref, 16)
-    drivers: list[str | None] = [None, "gesvdj", "gesvda", "gesvd"] if device.type == "cuda" else [None]
-    for drv in drivers:
-        try:
-            t0 = time.perf_counter()
-            svd = ThinSVD(*torch.linalg.svd(w, full_matrices=False, driver=drv))
-            clock.sync()
-            dt = time.perf_counter() - t0
-            rates = change_rates(w, (B, A), svd=svd)
-            top = select_directions(rates, 8)
-            same8 = len(set(top.tolist()) & set(ref_top[:8].tolist()))
-            in16 = len(set(top.tolist()) & set(ref_top.tolist()))
-            s_err = float(((svd.S - ref_svd.S).abs() / ref_svd.S).max())
-            orth = float((svd.U.T @ svd.U - torch.eye(k, device=device)).abs().max())
-            row = {"section": "svd accuracy (4096² fp32, σ 1→1e-3, vs fp64 SVD)", "driver": drv or "default",
-                   "seconds": dt, "top8_same": same8, "top8_in_ref_top16": in16, "max_rel_sigma_err": s_err,
-                   "max_UtU_minus_I": orth}
-            RESULTS["rows"].append(row)
-            print(f"  svd accuracy driver={drv or 'default':<8} {dt:6.3f} s  top-8 = ref top-8: {same8}/8, "
-                  f"in ref top-16: {in16}/8, max rel σ err {s_err:.1e}, max |UᵀU − I| {orth:.1e}", flush=True)
-        except RuntimeError as err:
-            RESULTS["errors"].append(f"svd accuracy {drv}: {err}")
+    for smallest in (1e-3, 1e-7):
+        torch.manual_seed(7)
+        q1 = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, device=device))[0]
+        q2 = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, device=device))[0]
+        sigma = torch.logspace(0, float(torch.tensor(smallest).log10()), k, dtype=torch.float64, device=device)
+        w = ((q1 * sigma) @ q2.T).float()
+        del q1, q2
+        B = torch.randn(n, args.rank, device=device) * 1e-2
+        A = torch.randn(args.rank, m, device=device) * 1e-2
+        ref_svd = ThinSVD(*(t.float() for t in torch.linalg.svd(w.double(), full_matrices=False)))
+        ref = change_rates(w, (B, A), svd=ref_svd)
+        ref_top = select_directions(ref, 16)
+        drivers: list[str | None] = [None, "gesvdj", "gesvda", "gesvd"] if _cusolver(device) else [None]
+        variants: list[str | None] = [*drivers, "library"] if _cusolver(device) else drivers
+        for drv in variants:
+            try:
+                t0 = time.perf_counter()
+                if drv == "library":
+                    svd, used = _library_svd(w)
+                else:
+                    svd, used = ThinSVD(*torch.linalg.svd(w, full_matrices=False, driver=drv)), [str(drv)]
+                clock.sync()
+                dt = time.perf_counter() - t0
+                rates = change_rates(w, (B, A), svd=svd)
+                top = select_directions(rates, 8)
+                same8 = len(set(top.tolist()) & set(ref_top[:8].tolist()))
+                in16 = len(set(top.tolist()) & set(ref_top.tolist()))
+                s_err = float(((svd.S - ref_svd.S).abs() / ref_svd.S).max())
+                orth = float((svd.U.T @ svd.U - torch.eye(k, device=device)).abs().max())
+                err = LT["directions"].svd_error(w, svd)
+                name = drv or "default"
+                row = {"section": f"svd accuracy ({n}x{m} fp32, σ 1→{smallest:g}, vs fp64 SVD)", "driver": name,
+                       "drivers_called": "+".join(used), "seconds": dt, "top8_same": same8,
+                       "top8_in_ref_top16": in16, "max_rel_sigma_err": s_err, "max_UtU_minus_I": orth,
+                       "svd_error": err, "tolerance": LT["directions"].svd_tolerance((n, m))}
+                RESULTS["rows"].append(row)
+                print(f"  σ→{smallest:g} {name:<8} ({'+'.join(used)}) {dt:6.3f} s  top-8 = ref top-8: {same8}/8, "
+                      f"in ref top-16: {in16}/8, max rel σ err {s_err:.1e}, max |UᵀU − I| {orth:.1e}, "
+                      f"svd_error {err:.1e} (tol {row['tolerance']:.1e})", flush=True)
+            except RuntimeError as err:
+                RESULTS["errors"].append(f"svd accuracy {drv}: {err}")
+        del w, B, A, ref_svd
+        _free(device)
 
 
 def model_section(args: argparse.Namespace, device: torch.device, clock: Clock, mode: str, peft_ok: bool) -> None:
@@ -417,16 +463,22 @@ def model_section(args: argparse.Namespace, device: torch.device, clock: Clock, 
 def svd_section(args: argparse.Namespace, device: torch.device, clock: Clock) -> None:
     """Thin SVD per shape with each cuSOLVER driver (CUDA) — what the switch's cost is made of."""
     gen = torch.Generator().manual_seed(2)
-    drivers: list[str | None] = [None, "gesvdj", "gesvda", "gesvd"] if device.type == "cuda" else [None]
+    drivers: list[str | None] = [None, "gesvdj", "gesvda", "gesvd"] if _cusolver(device) else [None]
+    if _cusolver(device):
+        drivers.append("library")  # thin_svd: gesvda when it passes svd_error's check, else gesvd
     torch.linalg.svd(torch.randn(64, 64, device=device), full_matrices=False)  # cuSOLVER handle set-up
-    for n, m in args.shapes:
+    wide = (args.shapes[-1][1], args.shapes[-1][0])  # down_proj's shape: gesvda works on the transpose
+    for n, m in [*args.shapes, wide]:
         w = torch.randn(n, m, generator=gen).to(device)
         for drv in drivers:
             try:
                 box: dict[str, Any] = {}
 
                 def run(drv: str | None = drv, w: torch.Tensor = w, box: dict[str, Any] = box) -> None:
-                    box["svd"] = torch.linalg.svd(w, full_matrices=False, driver=drv)
+                    if drv == "library":
+                        box["svd"] = thin_svd(w)
+                    else:
+                        box["svd"] = torch.linalg.svd(w, full_matrices=False, driver=drv)
 
                 t: list[float] = []
                 for _ in range(args.svd_reps):
@@ -473,21 +525,23 @@ def switch_section(args: argparse.Namespace, device: torch.device, clock: Clock,
             svd = thin_svd(layer.weight_view())
             projections(svd, (layer.lora_B.detach() * layer.scaling, layer.lora_A.detach()))
 
-    if device.type == "cuda":  # the same switch with the gesvda driver (fast; accuracy: svd_accuracy_section)
-        from functools import partial
+    if _cusolver(device):  # the same switch with torch's default driver (gesvdj), as before checked gesvda
         from unittest import mock as _mock
 
         cold()
         ref_idx = [la.dash_idx.clone() for _, la in layers]
-        svd_orig = torch.linalg.svd
-        with _mock.patch.object(torch.linalg, "svd", partial(svd_orig, driver="gesvda")):
-            t_gesvda = interleaved(clock, {"gesvda": cold}, max(2, args.switch_reps), 1)["gesvda"]
+
+        def default_driver(w: torch.Tensor) -> ThinSVD:
+            return ThinSVD(*torch.linalg.svd(w, full_matrices=False))
+
+        with _mock.patch.object(LT["directions"], "checked_fast_svd", default_driver):
+            t_default = interleaved(clock, {"default": cold}, max(2, args.switch_reps), 1)["default"]
         agree = sum(int(torch.equal(a, la.dash_idx)) for a, (_, la) in zip(ref_idx, layers, strict=True))
-        RESULTS["rows"].append({"section": "switch with driver=gesvda (1 LLaMA-7B layer)",
-                                "cold_s": statistics.median(t_gesvda), "layers_same_selection": agree,
+        RESULTS["rows"].append({"section": "switch with torch's default driver gesvdj (1 LLaMA-7B layer)",
+                                "cold_s": statistics.median(t_default), "layers_same_selection": agree,
                                 "layers": len(layers)})
-        print(f"  switch with gesvda: {statistics.median(t_gesvda):.3f} s, same dash directions in "
-              f"{agree}/{len(layers)} layers", flush=True)
+        print(f"  switch with torch's default driver: {statistics.median(t_default):.3f} s, same dash directions "
+              f"as the library's default in {agree}/{len(layers)} layers", flush=True)
     times = interleaved(clock, {"cold": cold, "floor": floor}, args.switch_reps, 0)
     c, f = statistics.median(times["cold"]), statistics.median(times["floor"])
     extra = peak_extra(device, cold)
@@ -504,12 +558,10 @@ def switch_section(args: argparse.Namespace, device: torch.device, clock: Clock,
            "peak_extra_MiB": None if extra is None else extra / MiB,
            "one_layer_peak_extra_MiB": None if one_extra is None else one_extra / MiB}
     if _available("safetensors"):
-        switch_with_cache = LT["bench"]._switch_with_cache
-
         with tempfile.TemporaryDirectory() as tmp:
             def cached(tmp: str = tmp) -> None:
                 reset()
-                switch_with_cache(model, Path(tmp))
+                schedule.switch(model, svd_cache=Path(tmp))
 
             cached()  # fills the cache
             warm = interleaved(clock, {"warm": cached}, max(2, args.switch_reps), 0)["warm"]
@@ -557,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-batch", type=int, nargs=2, default=[2, 1024], metavar=("BATCH", "SEQ"))
     p.add_argument("--budget-s", type=float, default=230.0,
                    help="skip the remaining sections once this many seconds have passed")
+    p.add_argument("--fake-drivers", action="store_true",
+                   help="with --device cpu: run the cuSOLVER-only code paths with LAPACK for every driver (smoke test)")
     p.add_argument("--json", type=Path, default=None, help="output JSON (default $OUT/gpu_bench.json if $OUT)")
     return p
 
@@ -567,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available; use --device cpu", file=sys.stderr)
         return 2
+    if args.fake_drivers:
+        if device.type != "cpu":
+            print("--fake-drivers is for --device cpu", file=sys.stderr)
+            return 2
+        _fake_cusolver_drivers()
     args.shapes = [(4096, 4096), (11008, 4096)]
     args.llama = (4096, 11008, 32, 32000)  # hidden, intermediate, heads, vocab
     if args.tiny:

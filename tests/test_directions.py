@@ -108,3 +108,112 @@ def test_tsd_set_metrics():
     assert lora_tsd.overlap([1, 2, 3, 4], [3, 4, 5, 6]) == 0.5
     with pytest.raises(lora_tsd.ConfigError, match="fewer than the 16"):
         lora_tsd.tsd_accuracy(predicted, list(range(10)))
+
+
+# --- the CUDA SVD path (cuSOLVER gesvda, checked, else gesvd), exercised through a stand-in for the driver ---
+
+
+def _gram_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An approximate thin SVD through the eigenvectors of ``WᵀW`` in fp32 (the way approximate drivers fail):
+    squaring the condition number, it loses the small singular directions of an ill-conditioned weight."""
+    evals, V = torch.linalg.eigh(W.T @ W)
+    order = evals.flip(0).clamp_min(0).sqrt(), V.flip(1)
+    S, V = order
+    U = (W @ V) / S.clamp_min(1e-30)
+    return U, S, V.T
+
+
+def _driver_stub(calls: list[str], fast):
+    def svd(W, full_matrices=False, driver=None):
+        calls.append(driver)
+        assert full_matrices is False
+        if driver == "gesvda":
+            return fast(W)
+        assert driver == "gesvd"
+        return torch.linalg.svd(W, full_matrices=False)
+    return svd
+
+
+def _weight(n: int, m: int, smallest: float) -> torch.Tensor:
+    """``(n, m)`` fp32 weight with singular values log-spaced from 1 down to ``smallest``."""
+    gen = torch.Generator().manual_seed(n * m)
+    U, _ = torch.linalg.qr(torch.randn(n, min(n, m), generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(m, min(n, m), generator=gen, dtype=torch.float64))
+    S = torch.logspace(0, torch.log10(torch.tensor(smallest)).item(), min(n, m), dtype=torch.float64)
+    return ((U * S) @ V.T).float()
+
+
+def test_svd_error_accepts_lapack_and_rejects_a_gram_svd_of_an_ill_conditioned_weight():
+    from lora_tsd.directions import ThinSVD, svd_error, svd_tolerance
+
+    assert svd_tolerance((4096, 4096)) == pytest.approx(4.88e-4, rel=1e-2)
+    assert svd_tolerance((11008, 4096)) == pytest.approx(8.0e-4, rel=1e-2)
+    for smallest in (1e-1, 1e-6):
+        W = _weight(192, 96, smallest)
+        assert svd_error(W, ThinSVD(*torch.linalg.svd(W, full_matrices=False))) < 1e-5
+    tol = svd_tolerance((192, 96))
+    assert svd_error(_weight(192, 96, 1e-1), ThinSVD(*_gram_svd(_weight(192, 96, 1e-1)))) < tol
+    assert svd_error(_weight(192, 96, 1e-6), ThinSVD(*_gram_svd(_weight(192, 96, 1e-6)))) > 100 * tol
+    # The loss is in the small directions: the large ones stay orthonormal, the small ones do not.
+    U, _, _ = _gram_svd(_weight(192, 96, 1e-6))
+    gram = U.T @ U - torch.eye(96)
+    assert gram[:8, :8].abs().max() < tol < gram[-8:, -8:].abs().max()
+
+
+@pytest.mark.parametrize("shape", [(192, 96), (96, 192)], ids=["tall", "wide"])
+def test_checked_fast_svd_keeps_an_accurate_fast_result(shape):
+    from lora_tsd.directions import checked_fast_svd
+
+    W = _weight(*shape, 1e-1)
+    calls: list[str] = []
+
+    def gram_any(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if w.shape[0] >= w.shape[1]:
+            return _gram_svd(w)
+        U, S, Vh = _gram_svd(w.T)  # wᵀ = U S Vh  ⇒  w = Vhᵀ S Uᵀ
+        return Vh.T, S, U.T
+
+    svd = checked_fast_svd(W, _driver_stub(calls, gram_any))
+    assert calls == ["gesvda"]
+    assert torch.allclose((svd.U * svd.S) @ svd.Vh, W, atol=1e-5)
+
+
+def test_checked_fast_svd_falls_back_to_gesvd_when_the_fast_result_is_inaccurate():
+    from lora_tsd.directions import checked_fast_svd
+
+    W = _weight(192, 96, 1e-6)
+    calls: list[str] = []
+    svd = checked_fast_svd(W, _driver_stub(calls, _gram_svd))
+    assert calls == ["gesvda", "gesvd"]
+    ref = torch.linalg.svd(W, full_matrices=False)
+    assert torch.equal(svd.U, ref.U) and torch.equal(svd.S, ref.S) and torch.equal(svd.Vh, ref.Vh)
+    # The fallback matters for the method: the inaccurate factors put the top change rates elsewhere.
+    from lora_tsd.directions import ThinSVD
+
+    gen = torch.Generator().manual_seed(1)
+    B, A = torch.randn(192, 4, generator=gen), torch.randn(4, 96, generator=gen)
+
+    def top8(f: ThinSVD) -> set[int]:
+        rates = (projections(f, (B, A)).abs() / (f.S + 1e-8 * f.S[0])).nan_to_num(posinf=float("inf"))
+        return set(rates.double().nan_to_num(nan=0.0).topk(8).indices.tolist())
+
+    assert top8(svd) != top8(ThinSVD(*_gram_svd(W)))
+
+
+def test_checked_fast_svd_falls_back_when_the_fast_driver_raises_or_returns_nan():
+    from lora_tsd.directions import checked_fast_svd
+
+    W = _weight(64, 48, 1e-1)
+
+    def raises(w):
+        raise RuntimeError("cusolver error: CUSOLVER_STATUS_NOT_SUPPORTED")
+
+    def nan(w):
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        return U, S.clone().fill_(float("nan")), Vh
+
+    for fast in (raises, nan):
+        calls: list[str] = []
+        svd = checked_fast_svd(W, _driver_stub(calls, fast))
+        assert calls == ["gesvda", "gesvd"]
+        assert torch.isfinite(svd.S).all()
