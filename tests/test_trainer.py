@@ -54,3 +54,14 @@ def test_trainer_switches_after_t_optimizer_steps(tmp_path):
     state = trainer.optimizer.state  # A and B restarted at the switch; c kept its state from step 0
     assert all(int(state[layer.lora_A]["step"]) == 5 - t for _, layer in layers)
     assert all(int(state[layer.dash_c]["step"]) == 5 for _, layer in layers)
+
+
+def test_svd_cache_defaults_to_cpu_runs_only_and_obeys_an_explicit_choice():
+    import torch
+
+    from lora_tsd.train import use_svd_cache
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_svd_cache(None, cpu) is True
+    assert use_svd_cache(None, cuda) is False  # recomputing with the checked gesvda is faster on a GPU
+    assert use_svd_cache(True, cuda) is True and use_svd_cache(False, cpu) is False

@@ -54,7 +54,8 @@ TRAIN_HELP: dict[str, str] = {
                      "training, ranking by the accumulated full-weight gradient)",
     "skip_nonfinite": "skip optimizer steps whose loss or gradient is NaN/inf (counted in the log) instead of stopping",
     "progress": "show a progress bar",
-    "svd_cache": "reuse the switch's SVDs from the content-keyed cache in $LORA_TSD_CACHE/svd (changed weights miss)",
+    "svd_cache": "reuse the switch's SVDs from the content-keyed cache in $LORA_TSD_CACHE/svd (changed weights miss; "
+                 "default: on for CPU runs, off on GPUs, where recomputing the SVD is faster than reading it back)",
     "fsdp": "shard with FSDP2 (fully_shard) when launched on several processes (torchrun / accelerate launch)",
 }
 

@@ -65,7 +65,8 @@ def svd_error(weight: torch.Tensor, svd: ThinSVD) -> float:
     U, S, Vh = svd
     eye = torch.eye(S.shape[0], dtype=U.dtype, device=U.device)
     orth = max(float((U.T @ U - eye).abs().max()), float((Vh @ Vh.T - eye).abs().max()))
-    recon = float(torch.linalg.matrix_norm(weight - (U * S) @ Vh) / torch.linalg.matrix_norm(weight).clamp_min(1e-30))
+    residual = torch.addmm(weight, U * S, Vh, alpha=-1)  # W − U diag(S) Vh, one weight-sized buffer
+    recon = float(torch.linalg.matrix_norm(residual) / torch.linalg.matrix_norm(weight).clamp_min(1e-30))
     return max(orth, recon)
 
 
