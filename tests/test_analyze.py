@@ -67,6 +67,24 @@ def test_layer_spectrum_recovers_constructed_directions():
     assert layer_spectrum(svd, off, top=3)["core_energy_share"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_precision_check_flags_directions_below_fp32_resolution():
+    from lora_tsd.analyze import float64_svd
+
+    gen = torch.Generator().manual_seed(3)
+    U, _ = torch.linalg.qr(torch.randn(64, 48, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(48, 48, generator=gen, dtype=torch.float64))  # full rank: k = 48
+    B, A = torch.randn(64, 4, generator=gen), torch.randn(4, 48, generator=gen)
+    agreement = {}
+    for smallest in (1e-2, 1e-12):  # well-conditioned; then the bottom half of σ below fp32's resolution of W
+        S = torch.logspace(0, torch.log10(torch.tensor(smallest)).item(), 48, dtype=torch.float64)
+        W = ((U * S) @ V.T).float()
+        info = layer_spectrum(thin_svd(W), (B, A), top=8, reference_svd=float64_svd(W))
+        agreement[smallest] = info["fp64_top_agreement"]
+    assert agreement[1e-2] == 1.0
+    assert agreement[1e-12] < 1.0
+    assert "fp64_top_agreement" not in layer_spectrum(thin_svd(W), (B, A), top=8)
+
+
 def test_spectrum_of_adapters_recovers_tsds_and_overlap(tmp_path, encoder):
     model_a, expected_a = constructed_model(encoder, CHOSEN_A)
     model_b, expected_b = constructed_model(encoder, CHOSEN_B)

@@ -216,9 +216,12 @@ def spectrum_section() -> list[str]:
                         f"{pct(t['mean_core_energy_share'], 2)} % |")
     paths = " ".join(s["path"].split("/work/grids/")[-1] for s in report["sources"])
     labels = " ".join(s["label"] for s in report["sources"])
+    checked = "mean_fp64_top_agreement" in next(iter(report["summary"].values()))["all"]
+    flag = " --check-precision" if checked else ""
     lines = [
         "## Change-rate spectra of trained LoRA adapters (MiniLM, multiemo)", "",
-        "```bash", f"lora-tsd analyze spectrum {paths} --labels {labels} --top {top} --out spectrum-lora", "```", "",
+        "```bash", f"lora-tsd analyze spectrum {paths} --labels {labels} --top {top} --out spectrum-lora{flag}",
+        "```", "",
         "Adapters of the grid above (two seeds of plain LoRA); ΔW = (α/r)·BA of every adapted layer against the "
         f"SVD of the pretrained weight. Position = i/(k−1) of a top-{top} "
         "direction (0 = largest σ, 1 = smallest); n50/n90 = fewest directions whose change rates add up to 50 % / "
@@ -229,6 +232,15 @@ def spectrum_section() -> list[str]:
     sigma = _sigma_facts(report)
     if sigma:
         lines += [sigma, ""]
+    if checked:
+        parts = [f"{label}: identical in {t['layers_fp64_top_equal']} of {t['layers']} layers (mean agreement "
+                 f"{pct(t['mean_fp64_top_agreement'])} %, lowest {pct(t['min_fp64_top_agreement'])} %)"
+                 for label, t in ((label, summary["all"]) for label, summary in report["summary"].items())]
+        lines += [f"Are these near-null directions numerical noise? `--check-precision` decomposes every weight "
+                  f"again in float64: the top-{top} TSDs of the method's fp32 SVD and of the float64 one are "
+                  + "; ".join(parts) + ". At these σ ratios fp32 resolves the ranking; the bottom-of-the-spectrum "
+                  "position is a property of the weights, not of the arithmetic (docs/performance.md shows where "
+                  "fp32 stops resolving it: σ spanning 7 decades).", ""]
     if report.get("overlap"):
         o = report["overlap"]
         lines += [f"Overlap of the top-{o['top']} sets of {labels.replace(' ', ' and ')}: mean "

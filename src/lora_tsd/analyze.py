@@ -62,13 +62,17 @@ def frobenius_sq(delta: Delta) -> float:
     return float(delta.detach().to(torch.float64).pow(2).sum())
 
 
-def layer_spectrum(svd: ThinSVD, delta: Delta, top: int = 8, eps: float = DEFAULT_EPS) -> dict[str, Any]:
+def layer_spectrum(svd: ThinSVD, delta: Delta, top: int = 8, eps: float = DEFAULT_EPS,
+                   reference_svd: ThinSVD | None = None) -> dict[str, Any]:
     """The change-rate spectrum of one layer and where its top-``top`` TSDs sit.
 
     Args:
         svd: :func:`~lora_tsd.directions.thin_svd` of the pretrained ``(out, in)`` weight.
         delta: the change, dense ``(out, in)`` or a pair ``(B (out, r), A (r, in))``.
         top: how many top TSDs to report.
+        reference_svd: a float64 SVD of the same weight (:func:`float64_svd`); when given, the result also
+            holds ``fp64_top_agreement``, the share of the top-``top`` TSDs that the fp32 SVD (the method's)
+            and the float64 one agree on: near-null directions below fp32's resolution would show up here.
     """
     p = projections(svd, delta)
     rates = rates_from_projections(p, svd.S, eps)
@@ -84,7 +88,11 @@ def layer_spectrum(svd: ThinSVD, delta: Delta, top: int = 8, eps: float = DEFAUL
     n90 = next(i + 1 for i, c in enumerate(cumulative) if c >= 0.9 - 1e-12)
     energy = frobenius_sq(delta)
     median = float(sorted_rates[k // 2])
-    return {
+    extra = {}
+    if reference_svd is not None:
+        ref_rates = rates_from_projections(projections(reference_svd, delta), reference_svd.S, eps)
+        extra["fp64_top_agreement"] = overlap(idx, select_directions(ref_rates, top, "tsd").tolist())
+    return extra | {
         "k": k,
         "top_indices": idx,
         "top_rates": [float(rates[i]) for i in idx],
@@ -99,6 +107,11 @@ def layer_spectrum(svd: ThinSVD, delta: Delta, top: int = 8, eps: float = DEFAUL
         "sigma": [float(f"{float(s):.4g}") for s in svd.S],
         "ranking": order[: min(k, 64)].tolist(),
     }
+
+
+def float64_svd(weight: torch.Tensor) -> ThinSVD:
+    """Thin SVD of an ``(out, in)`` weight in float64 (factors kept in float64): the precision check's reference."""
+    return ThinSVD(*torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False))
 
 
 def _kind(name: str) -> str:
@@ -131,13 +144,22 @@ def aggregate(layers: Mapping[str, Mapping[str, Any]], top: int) -> dict[str, An
             "mean_top_share": sum(i["top_share"] for i in infos) / len(infos),
             "uniform_top_share": sum(top / i["k"] for i in infos) / len(infos),
             "mean_core_energy_share": sum(finite) / len(finite) if finite else math.nan,
-        }
+        } | _agreement(infos)
 
     infos = list(layers.values())
     by_kind: dict[str, list[Mapping[str, Any]]] = {}
     for name, info in layers.items():
         by_kind.setdefault(_kind(name), []).append(info)
     return {"all": summary(infos), "by_type": {kind: summary(v) for kind, v in by_kind.items()}}
+
+
+def _agreement(infos: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """fp32-vs-float64 agreement of the top TSDs over layers, when the precision check ran."""
+    values = [i["fp64_top_agreement"] for i in infos if "fp64_top_agreement" in i]
+    if not values:
+        return {}
+    return {"mean_fp64_top_agreement": sum(values) / len(values), "min_fp64_top_agreement": min(values),
+            "layers_fp64_top_equal": sum(v == 1.0 for v in values)}
 
 
 def overlap_report(a: Mapping[str, Mapping[str, Any]], b: Mapping[str, Mapping[str, Any]], top: int) -> dict:
@@ -282,14 +304,19 @@ def source_deltas(source: Source, target_modules: list[str] | str | None = None
 
 
 def spectra(originals: Mapping[str, torch.Tensor], deltas: Mapping[str, Delta], top: int,
-            svds: dict[str, ThinSVD] | None = None) -> dict[str, dict[str, Any]]:
-    """:func:`layer_spectrum` of every layer (``svds`` caches the SVDs of the pretrained weights)."""
+            svds: dict[str, ThinSVD] | None = None, check_precision: bool = False) -> dict[str, dict[str, Any]]:
+    """:func:`layer_spectrum` of every layer (``svds`` caches the SVDs of the pretrained weights).
+
+    ``check_precision`` also decomposes every weight in float64 (:func:`float64_svd`) and records how many of
+    the top TSDs the two agree on (slow for large models: a float64 SVD per layer).
+    """
     svds = {} if svds is None else svds
     out = {}
     for name, delta in deltas.items():
         if name not in svds:
             svds[name] = thin_svd(originals[name])
-        out[name] = layer_spectrum(svds[name], delta, top)
+        reference = float64_svd(originals[name]) if check_precision else None
+        out[name] = layer_spectrum(svds[name], delta, top, reference_svd=reference)
     return out
 
 
@@ -338,7 +365,7 @@ def _slug(text: str) -> str:
 def analyze_spectrum(paths: Sequence[str | Path], out: str | Path, model: str | None = None,
                      labels: Sequence[str] | None = None, top: int = 8,
                      target_modules: list[str] | str | None = None, max_layers: int = 36, plots: bool = True,
-                     say: Callable[[str], None] = print) -> dict[str, Any]:
+                     check_precision: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Spectra of one or two sources (and their TSD overlap); writes ``spectrum.json`` and PNGs into ``out``."""
     if not 1 <= len(paths) <= 2:
         raise ConfigError("analyze spectrum takes one or two sources")
@@ -353,7 +380,7 @@ def analyze_spectrum(paths: Sequence[str | Path], out: str | Path, model: str | 
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for source in sources:
         originals, deltas = source_deltas(source, target_modules)
-        results[source.label] = spectra(originals, deltas, top, svds)
+        results[source.label] = spectra(originals, deltas, top, svds, check_precision)
         say(f"{source.label}: {len(deltas)} layers analyzed")
     overlap_info = overlap_report(*results.values(), top) if len(results) == 2 else None
     report = {
@@ -629,6 +656,9 @@ def add_arguments(parser: Any) -> None:
     sp.add_argument("--target-modules", nargs="+", help="layers of a dense source (default: the model type's)")
     sp.add_argument("--max-layers", type=int, default=36, help="layers drawn in the spectra grid (default 36)")
     sp.add_argument("--no-plots", action="store_true", help="JSON only")
+    sp.add_argument("--check-precision", action="store_true",
+                    help="also decompose every weight in float64 and report how many of the top-N TSDs the fp32 SVD "
+                         "(the method's) agrees on (one float64 SVD per layer: slow for large models)")
 
     cp = sub.add_parser("capture", help="recall/accuracy of LoRA's TSDs against a full fine-tune, along training",
                         description="Fine-tune the model fully (the reference TSDs, or --reference) and train LoRA "
@@ -665,9 +695,14 @@ def main_from_args(args: Any) -> int:
     if args.analysis == "spectrum":
         report = analyze_spectrum(args.sources, args.out, model=args.model, labels=args.labels, top=args.top,
                                   target_modules=_targets(args.target_modules), max_layers=args.max_layers,
-                                  plots=not args.no_plots)
+                                  plots=not args.no_plots, check_precision=args.check_precision)
         for label, summary in report["summary"].items():
             s = summary["all"]
+            if "mean_fp64_top_agreement" in s:
+                print(f"{label}: fp32 vs float64 SVD, top-{report['top']} TSDs agree on "
+                      f"{100 * s['mean_fp64_top_agreement']:.1f}% on average (min "
+                      f"{100 * s['min_fp64_top_agreement']:.1f}%; identical in {s['layers_fp64_top_equal']} of "
+                      f"{s['layers']} layers)")
             print(f"{label}: {s['layers']} layers; top-{report['top']} TSDs at mean spectral position "
                   f"{s['mean_position']:.2f} (0 = largest σ), {100 * s['share_in_top_decile']:.0f}% in the top "
                   f"decile, {100 * s['share_in_bottom_decile']:.0f}% in the bottom decile; n50 {s['mean_n50']:.1f}, "
