@@ -22,6 +22,7 @@ SOURCES = {
     "minilm-multiemo": ("minilm-multiemo", ["results.csv", "results.json", "results.md", "*.png"]),
     "spectrum-lora": ("spectrum-lora", ["spectrum.json", "spectra_lora-seed0.png", "spectra_sorted_*.png",
                                         "tsd_positions.png", "overlap.png"]),
+    "spectrum-smollm2": ("spectrum-smollm2", ["spectrum.json", "spectra_*.png", "tsd_positions.png"]),
     "capture-multiemo": ("capture-multiemo", ["capture.json", "capture.png", "spectra_full_fine-tune.png"]),
     "spectrum-tasks": ("spectrum-tasks", ["overlap.png"]),
     "spectrum-vitaminc": ("spectrum-vitaminc", ["overlap.png"]),
@@ -250,10 +251,12 @@ def defaults_section() -> list[str]:
             verdict, ""]
 
 
-def spectrum_section() -> list[str]:
-    report = load("spectrum-lora", "spectrum.json")
+def spectrum_section(folder: str = "spectrum-lora", title: str = "MiniLM, multiemo",
+                     source: str = "Adapters of the grid above (two seeds of plain LoRA)") -> list[str]:
+    """Where the top TSDs of trained adapters sit (``analyze spectrum`` JSON in ``folder``)."""
+    report = load(folder, "spectrum.json")
     if report is None:
-        return ["## Change-rate spectra of trained adapters", "", "_Not run._", ""]
+        return [f"## Change-rate spectra of trained adapters ({title})", "", "_Not run._", ""]
     top = report["top"]
     rows = ["| adapter | layer type | layers | mean position of the top-8 | in top σ decile | in bottom σ decile "
             "| among the 8 smallest σ | n50 | n90 | top-8 share of Σ rate | core energy share |", "|" + "---|" * 11]
@@ -273,10 +276,10 @@ def spectrum_section() -> list[str]:
     checked = "mean_fp64_top_agreement" in next(iter(report["summary"].values()))["all"]
     flag = " --check-precision" if checked else ""
     lines = [
-        "## Change-rate spectra of trained LoRA adapters (MiniLM, multiemo)", "",
-        "```bash", f"lora-tsd analyze spectrum {paths} --labels {labels} --top {top} --out spectrum-lora{flag}",
+        f"## Change-rate spectra of trained LoRA adapters ({title})", "",
+        "```bash", f"lora-tsd analyze spectrum {paths} --labels {labels} --top {top} --out {folder}{flag}",
         "```", "",
-        "Adapters of the grid above (two seeds of plain LoRA); ΔW = (α/r)·BA of every adapted layer against the "
+        f"{source}; ΔW = (α/r)·BA of every adapted layer against the "
         f"SVD of the pretrained weight. Position = i/(k−1) of a top-{top} "
         "direction (0 = largest σ, 1 = smallest); n50/n90 = fewest directions whose change rates add up to 50 % / "
         "90 % of all rates; core energy share = Σ p_i² / ‖ΔW‖_F², the part of the change that lies on the core "
@@ -292,20 +295,24 @@ def spectrum_section() -> list[str]:
                  for label, t in ((label, summary["all"]) for label, summary in report["summary"].items())]
         lines += [f"Are these near-null directions numerical noise? `--check-precision` decomposes every weight "
                   f"again in float64: the top-{top} TSDs of the method's fp32 SVD and of the float64 one are "
-                  + "; ".join(parts) + ". At these σ ratios fp32 resolves the ranking; the bottom-of-the-spectrum "
-                  "position is a property of the weights, not of the arithmetic (docs/performance.md shows where "
-                  "fp32 stops resolving it: σ spanning 7 decades).", ""]
+                  + "; ".join(parts) + ". " + (
+                      "At these σ ratios fp32 resolves the ranking: the position of the top TSDs is a property of "
+                      "the weights, not of the arithmetic" if all(
+                          t["all"]["layers_fp64_top_equal"] == t["all"]["layers"] for t in report["summary"].values())
+                      else "Where they disagree, the bottom of the spectrum lies below fp32's resolution of the "
+                      "weight and part of the ranking there is arithmetic, not the task")
+                  + " (docs/performance.md shows where fp32 stops resolving it: σ spanning 7 decades).", ""]
     if report.get("overlap"):
         o = report["overlap"]
         lines += [f"Overlap of the top-{o['top']} sets of {labels.replace(' ', ' and ')}: mean "
                   f"{o['mean']:.2f} per layer (chance {o['mean_chance']:.3f}); shared directions per layer "
                   f"{o['shared_directions_min']}–{o['shared_directions_max']} of {o['top']} (median "
-                  f"{o['shared_directions_median']}).", "", "![overlap](results/spectrum-lora/overlap.png)", ""]
+                  f"{o['shared_directions_median']}).", "", f"![overlap](results/{folder}/overlap.png)", ""]
     first = next(iter(report["summary"]))
-    lines += [f"![spectra {first}](results/spectrum-lora/spectra_{_slug(first)}.png)", ""]
+    lines += [f"![spectra {first}](results/{folder}/spectra_{_slug(first)}.png)", ""]
     for label in report["summary"]:
-        lines += [f"![sorted spectra {label}](results/spectrum-lora/spectra_sorted_{_slug(label)}.png)", ""]
-    lines += ["![positions](results/spectrum-lora/tsd_positions.png)", ""]
+        lines += [f"![sorted spectra {label}](results/{folder}/spectra_sorted_{_slug(label)}.png)", ""]
+    lines += [f"![positions](results/{folder}/tsd_positions.png)", ""]
     return lines
 
 
@@ -564,6 +571,9 @@ def main() -> None:
                   "ranks r+1…r+s.", ""]
         lines += defaults_section()
     lines += spectrum_section()
+    lines += spectrum_section("spectrum-smollm2", "SmolLM2-135M, strategyqa",
+                              "The LoRA adapter of seed 0 of the SmolLM2 grid above (210 matrices; weights "
+                              "dequantized from 4-bit)")
     lines += tasks_section()
     lines += capture_section()
     lines += paper_section()
