@@ -72,7 +72,8 @@ def pp(x: float) -> str:
     return f"{100 * x:+.1f}".replace("-", "−")
 
 
-def grid_section(name: str, title: str) -> list[str]:
+def grid_section(name: str, title: str, notes: str = "") -> list[str]:
+    """A grid's command, tables, plots and measured statements; ``notes`` (its protocol) follow when it ran."""
     results = load(name, "results.json")
     if results is None:
         return [f"## {title}", "", "_Not run (see “What is missing”)._", ""]
@@ -91,7 +92,7 @@ def grid_section(name: str, title: str) -> list[str]:
              f"1 thread per run, `nice -n 19`).", ""]
     lines += [tables.rstrip(), ""]
     lines += headline_statements(results)
-    return lines
+    return lines + ([notes, ""] if notes else [])
 
 
 def headline_statements(results: dict) -> list[str]:
@@ -549,27 +550,26 @@ def main() -> None:
     lines += grid_section("minilm-multiemo4", "MiniLM on multiemo 4-class (ambivalent / negative / neutral / "
                                               "positive), r = 8, {methods} methods")
     lines += grid_section("minilm-tasks", "MiniLM on vitaminc (3-way fact verification), r = 8, {methods} methods")
-    lines += grid_section("smollm2-grid", "SmolLM2-135M on two commonsense multiple-choice tasks (strategyqa, "
-                                          "social_iqa), r = 8, {methods} methods")
-    if load("smollm2-grid", "results.json") is not None:
-        lines += ["SmolLM2 protocol: every linear projection of the 30 decoder layers adapted (210 matrices), "
-                  "answer-only loss, each answer scored by its summed log-likelihood (accuracy) and per-character "
-                  "(accuracy_norm); fp32 on the CPU (bf16 autocast is 13× slower on this machine), 150 optimizer "
-                  "steps of batch 8, sequences cut at 96 tokens, t = 50 pre-launch steps, lr 2e-3 (the train "
-                  "default) for both methods, 200 validation and 200 test questions. The weights are dequantized "
-                  "from a 4-bit release (offline.md), so their small singular values carry quantization noise.", ""]
-    lines += grid_section("minilm-ablations", "Ablations on MiniLM (multiemo, r = 8): direction selector, s, t, "
-                                              "Init estimator, LoRA-TSD dash placement")
-    if load("minilm-ablations", "results.json") is not None:
-        lines += ["The `lora`, `dash`, `init` and `tsd` runs of this grid are seeds 0 and 1 of the first grid, "
-                  "copied into its folder (same configuration; `compare` skips finished runs), so every variant "
-                  "is paired with the same LoRA runs. Variants are `method:key=value`: `selector=top/bottom/random` "
-                  "replaces the change-rate ranking (the pre-launch still runs t = 100 steps, so only the choice of "
-                  "directions differs), `dash_directions` is s, `prelaunch_steps` is t (t = 200 would leave no "
-                  "step after the switch in a 200-step run), `init_estimator=gradient` ranks by the gradient "
-                  "probe (8 batches) and switches before training, `dash_placement=next` puts LoRA-TSD's dash on "
-                  "ranks r+1…r+s.", ""]
-        lines += defaults_section()
+    lines += grid_section(
+        "smollm2-grid", "SmolLM2-135M on two commonsense multiple-choice tasks (strategyqa, social_iqa), r = 8, "
+        "{methods} methods",
+        "SmolLM2 protocol: every linear projection of the 30 decoder layers adapted (210 matrices), answer-only "
+        "loss, each answer scored by its summed log-likelihood (accuracy) and per-character (accuracy_norm); fp32 "
+        "on the CPU (bf16 autocast is 13× slower on this machine), 150 optimizer steps of batch 8, sequences cut at "
+        "96 tokens, t = 50 pre-launch steps, lr 2e-3 (the train default) for both methods, 200 validation and 200 "
+        "test questions. The weights are dequantized from a 4-bit release (offline.md), so their small singular "
+        "values carry quantization noise.")
+    lines += grid_section(
+        "minilm-ablations", "Ablations on MiniLM (multiemo, r = 8): direction selector, s, t, Init estimator, "
+        "LoRA-TSD dash placement",
+        "The `lora`, `dash`, `init` and `tsd` runs of this grid are seeds 0 and 1 of the first grid, copied into "
+        "its folder (same configuration; `compare` skips finished runs), so every variant is paired with the same "
+        "LoRA runs. Variants are `method:key=value`: `selector=top/bottom/random` replaces the change-rate ranking "
+        "(the pre-launch still runs t = 100 steps, so only the choice of directions differs), `dash_directions` is "
+        "s, `prelaunch_steps` is t (t = 200 would leave no step after the switch in a 200-step run), "
+        "`init_estimator=gradient` ranks by the gradient probe (8 batches) and switches before training, "
+        "`dash_placement=next` puts LoRA-TSD's dash on ranks r+1…r+s.")
+    lines += defaults_section()
     lines += spectrum_section()
     lines += spectrum_section("spectrum-smollm2", "SmolLM2-135M, strategyqa",
                               "The LoRA adapter of seed 0 of the SmolLM2 grid above (210 matrices; weights "
