@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest accepted difference of the GPU-trained adapter's test accuracy on GPU and CPU")
     parser.add_argument("--loss-tolerance", type=float, default=0.05,
                         help="largest accepted relative difference of the final training loss, GPU run vs CPU run")
+    parser.add_argument("--runs", type=int, nargs="+", default=None,
+                        help=f"indices into the run list (0–{len(RUNS) - 1}; default: all)")
     parser.add_argument("--json", type=Path, default=None, help="default: $OUT/gpu_train_check.json when $OUT is set")
     args = parser.parse_args(argv)
 
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = {"cls": write_jsonl(root / "cls.jsonl", sentiment_rows(240)),
                  "mc": write_jsonl(root / "mc.jsonl", choice_rows(240))}
         for i, (model, task, method, extra) in enumerate(RUNS):
+            if args.runs is not None and i not in args.runs:
+                continue
             row: dict = {"model": model, "task": task, "method": method, "flags": " ".join(extra)}
             for where, run_env in (("gpu", train_env), ("cpu", cpu_env)):
                 out = root / f"run{i}-{where}"
