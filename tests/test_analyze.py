@@ -156,3 +156,33 @@ def test_capture_end_to_end_with_a_lora_run(tmp_path, encoder):
     result2 = json.loads((out2 / "capture.json").read_text())
     assert result2["series"]["LoRA ΔW = BA"]["steps"] == [4, 6]
     assert "full fine-tune ΔW (at step t)" not in result2["series"]
+
+
+def test_spectrum_reports_the_dash_share_of_a_switched_dash_adapter(tmp_path, encoder):
+    from lora_tsd import schedule
+
+    model, _, _ = load_model(encoder, num_labels=2)
+    attach(model, TSDConfig(method="dash", r=R, dash_directions=2, prelaunch_steps=1,
+                            modules_to_save=["classifier"]))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.1)
+    schedule.switch(model)
+    expected = {}
+    with torch.no_grad():
+        for name, layer in adapted_layers(model):
+            layer.dash_c.copy_(torch.randn(2, generator=gen) * 0.01)
+            dense = layer.scaling * (layer.lora_B @ layer.lora_A)  # the reference forms the full matrix
+            expected[name] = float(layer.dash_c.norm() / dense.norm())
+    save_adapter(model, tmp_path / "dash")
+    out = tmp_path / "spectrum"
+    assert main(["analyze", "spectrum", str(tmp_path / "dash"), "--model", str(encoder), "--top", "2",
+                 "--out", str(out), "--no-plots"]) == 0
+    report = json.loads((out / "spectrum.json").read_text())
+    layers = report["layers"]["dash"]
+    for name, share in expected.items():
+        assert layers[name]["dash_share"] == pytest.approx(share, rel=1e-5), name
+    values = sorted(expected.values())
+    assert report["summary"]["dash"]["all"]["median_dash_share"] == pytest.approx(values[len(values) // 2], rel=1e-5)
+    assert report["summary"]["dash"]["all"]["max_dash_share"] == pytest.approx(values[-1], rel=1e-5)

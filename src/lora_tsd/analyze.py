@@ -30,7 +30,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -154,12 +154,16 @@ def aggregate(layers: Mapping[str, Mapping[str, Any]], top: int) -> dict[str, An
 
 
 def _agreement(infos: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """fp32-vs-float64 agreement of the top TSDs over layers, when the precision check ran."""
+    """Optional per-layer facts over layers: fp32-vs-float64 agreement of the top TSDs, the dash term's share."""
+    out: dict[str, Any] = {}
     values = [i["fp64_top_agreement"] for i in infos if "fp64_top_agreement" in i]
-    if not values:
-        return {}
-    return {"mean_fp64_top_agreement": sum(values) / len(values), "min_fp64_top_agreement": min(values),
-            "layers_fp64_top_equal": sum(v == 1.0 for v in values)}
+    if values:
+        out |= {"mean_fp64_top_agreement": sum(values) / len(values), "min_fp64_top_agreement": min(values),
+                "layers_fp64_top_equal": sum(v == 1.0 for v in values)}
+    shares = sorted(i["dash_share"] for i in infos if "dash_share" in i)
+    if shares:
+        out |= {"median_dash_share": shares[len(shares) // 2], "max_dash_share": shares[-1]}
+    return out
 
 
 def overlap_report(a: Mapping[str, Mapping[str, Any]], b: Mapping[str, Mapping[str, Any]], top: int) -> dict:
@@ -254,6 +258,17 @@ def resolve_source(path: str | Path, model: str | None = None, label: str | None
                       "(adapter_config.json) nor a model folder (config.json)")
 
 
+def dash_share(layer: nn.Module) -> float:
+    """``‖c‖₂ / ‖(α/r)·B A‖_F``: the dash term's size next to the low-rank update of the same layer.
+
+    ``U_s diag(c) V_sᵀ`` has orthonormal U_s and V_s, so its Frobenius norm is ``‖c‖₂``. A small share says the
+    dash moved the weights little, whatever its change *rate* along its small-σ directions.
+    """
+    B, A = layer.lora_B.detach() * layer.scaling, layer.lora_A.detach()
+    lora = math.sqrt(frobenius_sq((B, A)))
+    return float(layer.dash_c.detach().double().norm()) / lora if lora > 0 else math.inf
+
+
 def _load_base(model_name: str, num_labels: int | None):
     from .models import load_model
 
@@ -261,9 +276,17 @@ def _load_base(model_name: str, num_labels: int | None):
     return model, kind
 
 
-def source_deltas(source: Source, target_modules: list[str] | str | None = None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, Delta]]:
-    """``(pretrained (out, in) weights, changes)`` per layer of a source.
+class SourceChanges(NamedTuple):
+    """Per layer of a source: the pretrained ``(out, in)`` weight, the change, and (switched dash layers of
+    lora-tsd adapters only) :func:`dash_share`."""
+
+    originals: dict[str, torch.Tensor]
+    deltas: dict[str, Delta]
+    dash_shares: dict[str, float]
+
+
+def source_deltas(source: Source, target_modules: list[str] | str | None = None) -> SourceChanges:
+    """Pretrained weights and changes per layer of a source (:class:`SourceChanges`).
 
     lora-tsd adapters give each layer's ``original_delta_factors()`` (the change relative to the *original*
     weight, init-style methods included); PEFT adapters and full checkpoints give dense ``W_tuned − W``.
@@ -279,10 +302,13 @@ def source_deltas(source: Source, target_modules: list[str] | str | None = None
         originals = {n: _out_in(base.get_submodule(n)) for n in names}
         load_adapter(base, source.path)
         deltas: dict[str, Delta] = {}
+        shares: dict[str, float] = {}
         for name, layer in adapted_layers(base):
             B, A = layer.original_delta_factors()
             deltas[name] = (B.detach().float().cpu(), A.detach().float().cpu())
-        return originals, deltas
+            if layer.dash_c is not None and layer.is_switched:
+                shares[name] = dash_share(layer)
+        return SourceChanges(originals, deltas, shares)
     names = target_names(base, target_modules)
     originals = {n: _out_in(base.get_submodule(n)) for n in names}
     if source.kind == "peft":
@@ -300,7 +326,7 @@ def source_deltas(source: Source, target_modules: list[str] | str | None = None
             deltas[name] = delta
     if not deltas:
         raise ConfigError(f"{source.path}: no analyzed layer differs from the base model {source.model}")
-    return {n: originals[n] for n in deltas}, deltas
+    return SourceChanges({n: originals[n] for n in deltas}, deltas, {})
 
 
 def spectra(originals: Mapping[str, torch.Tensor], deltas: Mapping[str, Delta], top: int,
@@ -379,9 +405,11 @@ def analyze_spectrum(paths: Sequence[str | Path], out: str | Path, model: str | 
     svds: dict[str, ThinSVD] = {}
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for source in sources:
-        originals, deltas = source_deltas(source, target_modules)
-        results[source.label] = spectra(originals, deltas, top, svds, check_precision)
-        say(f"{source.label}: {len(deltas)} layers analyzed")
+        changes = source_deltas(source, target_modules)
+        results[source.label] = spectra(changes.originals, changes.deltas, top, svds, check_precision)
+        for name, share in changes.dash_shares.items():
+            results[source.label][name]["dash_share"] = share
+        say(f"{source.label}: {len(changes.deltas)} layers analyzed")
     overlap_info = overlap_report(*results.values(), top) if len(results) == 2 else None
     report = {
         "top": top,
@@ -526,7 +554,7 @@ def _lora_run_snapshots(run: Path, svds: Mapping[str, ThinSVD], keep: int) -> di
     for step, adapter in sorted(found):
         source = resolve_source(run)
         source = dataclasses.replace(source, path=adapter)
-        _, deltas = source_deltas(source)
+        deltas = source_deltas(source).deltas
         out[step] = _rankings(svds, deltas, keep)
     return out
 
@@ -590,7 +618,7 @@ def analyze_capture(cfg: Any, out: str | Path, full_lr: float = 5e-5, snapshots:
         del model
     else:
         source = resolve_source(reference, cfg.model, "reference")
-        _, ref_deltas = source_deltas(source, cfg.target_modules)
+        ref_deltas = source_deltas(source, cfg.target_modules).deltas
         ref_deltas = {n: d for n, d in ref_deltas.items() if n in svds}
     ref_spectra = spectra(originals, ref_deltas, top, svds)
     reference_rank = {n: info["ranking"][:keep] for n, info in ref_spectra.items()}
@@ -698,6 +726,9 @@ def main_from_args(args: Any) -> int:
                                   plots=not args.no_plots, check_precision=args.check_precision)
         for label, summary in report["summary"].items():
             s = summary["all"]
+            if "median_dash_share" in s:
+                print(f"{label}: dash term ‖c‖ / ‖(α/r)BA‖_F: median {s['median_dash_share']:.4f}, "
+                      f"max {s['max_dash_share']:.4f} over layers")
             if "mean_fp64_top_agreement" in s:
                 print(f"{label}: fp32 vs float64 SVD, top-{report['top']} TSDs agree on "
                       f"{100 * s['mean_fp64_top_agreement']:.1f}% on average (min "
