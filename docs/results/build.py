@@ -22,7 +22,6 @@ SOURCES = {
     "minilm-multiemo": ("minilm-multiemo", ["results.csv", "results.json", "results.md", "*.png"]),
     "spectrum-lora": ("spectrum-lora", ["spectrum.json", "spectra_lora-seed0.png", "spectra_sorted_*.png",
                                         "tsd_positions.png", "overlap.png"]),
-    "spectrum-dash": ("spectrum-dash", ["spectrum.json"]),
     "spectrum-smollm2": ("spectrum-smollm2", ["spectrum.json", "spectra_*.png", "tsd_positions.png"]),
     "capture-multiemo": ("capture-multiemo", ["capture.json", "capture.png", "spectra_full_fine-tune.png"]),
     "spectrum-tasks": ("spectrum-tasks", ["overlap.png"]),
@@ -47,6 +46,12 @@ def import_outputs(grids: Path) -> None:
             small = {k: report[k] for k in ("top", "sources", "summary", "overlap")}
             (HERE / pair).mkdir(exist_ok=True)
             (HERE / pair / "overlap.json").write_text(json.dumps(small, indent=1))
+    dash = grids / "spectrum-dash" / "spectrum.json"
+    if dash.is_file():  # only the summary (the dash shares); the per-layer spectra stay in the grid folder
+        report = json.loads(dash.read_text())
+        (HERE / "spectrum-dash").mkdir(exist_ok=True)
+        (HERE / "spectrum-dash" / "spectrum.json").write_text(
+            json.dumps({k: report[k] for k in ("top", "sources", "summary")}, indent=1))
     for name, (folder, patterns) in SOURCES.items():
         src = grids / folder
         if not src.is_dir():
