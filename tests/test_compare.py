@@ -209,6 +209,13 @@ def test_compare_end_to_end_and_resume(tmp_path, assets, capsys):
     assert "grid: 0 trained (0 failed), 8 already there" in capsys.readouterr().out
     assert main(compare_args(assets, out, "--max-train", "50")) == 2
     assert "other settings" in capsys.readouterr().err
+    # a run made when svd_cache defaulted to True (older versions) is still the same run: reused, not refused
+    summary = out / next(iter(finished))
+    data = json.loads((summary / "summary.json").read_text())
+    data["config"]["svd_cache"] = True
+    (summary / "summary.json").write_text(json.dumps(data))
+    assert main(args) == 0
+    assert "grid: 0 trained (0 failed), 8 already there" in capsys.readouterr().out
 
 
 def _parse(args):

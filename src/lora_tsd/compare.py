@@ -49,7 +49,8 @@ DEFAULT_METHODS = ("lora", "dash", "init", "tsd", "pissa", "milora", "dora")
 #: TrainConfig fields the grid sets per run: a variant or --config may not set them.
 GRID_FIELDS = ("model", "task", "method", "r", "lr", "seed", "output_dir", "overwrite", "progress")
 #: Fields that do not change what a run computes (ignored when checking a finished run's settings).
-NEUTRAL_FIELDS = ("output_dir", "overwrite", "progress", "eval_batch_size")
+#: ``svd_cache`` only decides whether the switch's SVDs are read back or recomputed (the same decomposition).
+NEUTRAL_FIELDS = ("output_dir", "overwrite", "progress", "eval_batch_size", "svd_cache")
 FAILED_FILE = "failed.json"
 
 # ------------------------------------------------------------------------------------------- statistics
