@@ -578,12 +578,13 @@ def main() -> None:
     lines += grid_section(
         "smollm2-grid", "SmolLM2-135M on two commonsense multiple-choice tasks (strategyqa, social_iqa), r = 8, "
         "{methods} methods",
-        "SmolLM2 protocol: every linear projection of the 30 decoder layers adapted (210 matrices), answer-only "
-        "loss, each answer scored by its summed log-likelihood (accuracy) and per-character (accuracy_norm); fp32 "
-        "on the CPU (bf16 autocast is 13× slower on this machine), 150 optimizer steps of batch 8, sequences cut at "
-        "96 tokens, t = 50 pre-launch steps, lr 2e-3 (the train default) for both methods, 200 validation and 200 "
-        "test questions. The weights are dequantized from a 4-bit release (offline.md), so their small singular "
-        "values carry quantization noise.")
+        "SmolLM2 protocol: the q, k, v, up and down projections of the 30 decoder layers adapted (150 matrices, "
+        "the library's default for LLaMA-type models, as in the paper), answer-only loss, each answer scored by "
+        "its summed log-likelihood (accuracy) and per-character (accuracy_norm); fp32 on the CPU (bf16 autocast "
+        "is 13× slower on this machine), 150 optimizer steps of batch 8, sequences cut at 96 tokens, t = 50 "
+        "pre-launch steps, lr 2e-3 (the train default) for both methods, 200 validation and 200 test questions. "
+        "The weights are dequantized from a 4-bit release (offline.md), so their small singular values carry "
+        "quantization noise.")
     lines += grid_section(
         "minilm-ablations", "Ablations on MiniLM (multiemo, r = 8): direction selector, s, t, Init estimator, "
         "LoRA-TSD dash placement",
@@ -598,8 +599,9 @@ def main() -> None:
     lines += spectrum_section()
     lines += dash_share_section()
     lines += spectrum_section("spectrum-smollm2", "SmolLM2-135M, strategyqa",
-                              "The LoRA adapter of seed 0 of the SmolLM2 grid above (210 matrices; weights "
-                              "dequantized from 4-bit)")
+                              "The LoRA and the LoRA-Dash adapter of seed 0 on strategyqa from the SmolLM2 grid "
+                              "above (150 matrices each; weights dequantized from 4-bit; the two share the "
+                              "pre-launch trajectory, so their overlap is not a task comparison)")
     lines += tasks_section()
     lines += capture_section()
     lines += paper_section()
