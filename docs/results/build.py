@@ -293,10 +293,11 @@ def spectrum_section(folder: str = "spectrum-lora", title: str = "MiniLM, multie
     checked = "mean_fp64_top_agreement" in next(iter(report["summary"].values()))["all"]
     flag = " --check-precision" if checked else ""
     lines = [
-        f"## Change-rate spectra of trained LoRA adapters ({title})", "",
+        f"## Change-rate spectra of trained adapters ({title})", "",
         "```bash", f"lora-tsd analyze spectrum {paths} --labels {labels} --top {top} --out {folder}{flag}",
         "```", "",
-        f"{source}; ΔW = (α/r)·BA of every adapted layer against the "
+        f"{source}; ΔW = the adapter's whole change of every adapted layer ((α/r)·BA, plus the dash term for "
+        "LoRA-Dash) against the "
         f"SVD of the pretrained weight. Position = i/(k−1) of a top-{top} "
         "direction (0 = largest σ, 1 = smallest); n50/n90 = fewest directions whose change rates add up to 50 % / "
         "90 % of all rates; core energy share = Σ p_i² / ‖ΔW‖_F², the part of the change that lies on the core "
@@ -408,7 +409,7 @@ def unrelated_pair() -> list[str]:
                  else "")
     return ["### Two unrelated tasks: TSD overlap", "", "```bash", command, "```", "",
             f"LoRA r = 8, seed 0, on multiemo (2-class sentiment) and on vitaminc (3-way fact verification; the run "
-            f"of the second grid above): {shared}.{yardstick}", "",
+            f"of the vitaminc grid above): {shared}.{yardstick}", "",
             "![unrelated task overlap](results/spectrum-vitaminc/overlap.png)", ""]
 
 
