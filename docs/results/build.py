@@ -543,8 +543,8 @@ def paper_section() -> list[str]:
             verdict = "not held: they sit at the very bottom" if t["share_in_bottom_decile"] > 0.5 else "held"
             lines.append(f"| TSDs sit at small but not the smallest σ | full fine-tune of LLaMA-7B | SmolLM2-135M LoRA "
                          f"adapter (strategyqa): mean position {t['mean_position']:.2f}, "
-                         f"{pct(t['share_in_bottom_decile'], 0)} % in the bottom σ decile | {verdict} (4-bit-dequantized "
-                         "weights) |")
+                         f"{pct(t['share_in_bottom_decile'], 0)} % in the bottom σ decile | {verdict} "
+                         "(4-bit-dequantized weights) |")
         conc = "held" if s["mean_top_share"] > 5 * s["uniform_top_share"] else "not held"
         lines.append(f"| only a handful of directions have a large change rate | qualitative | top-8 carry "
                      f"{pct(s['mean_top_share'])} % of the summed rates (uniform {pct(s['uniform_top_share'])} %); "
