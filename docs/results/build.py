@@ -109,37 +109,45 @@ def headline_statements(results: dict) -> list[str]:
     if not paired:
         return out
     ranks = sorted({s["r"] for s in results["summary"]}, reverse=True)
+    tasks = list(dict.fromkeys(s["task"] for s in results["summary"]))
 
-    def name(method: str, r: int) -> str:
-        return f"`{method}`" + (f" (r = {r})" if len(ranks) > 1 else "")
+    def where(task: str, r: int) -> str:
+        parts = ([f"`{task}`"] if len(tasks) > 1 else []) + ([f"r = {r}"] if len(ranks) > 1 else [])
+        return ", ".join(parts)
 
-    for r in ranks:
-        summary = {s["method"]: s for s in results["summary"] if s["r"] == r and s["n"]}
-        base = summary.get(spec["baseline"])
-        if base is None:
-            continue
-        top = max(s["test_mean"] for s in summary.values())
-        best = [s for s in summary.values() if abs(s["test_mean"] - top) < 1e-12]
-        names = " and ".join(f"**{s['method']}**" for s in best) + (" (tied)" if len(best) > 1 else "")
-        out.append(f"Measured{f' at r = {r}' if len(ranks) > 1 else ''}: the highest mean test accuracy is "
-                   f"{names} ({pct(top)} %, n = {best[0]['n']}); `{spec['baseline']}` reaches "
-                   f"{pct(base['test_mean'])} ± {pct(base['test_std'])} % (untrained head: "
-                   f"{pct(base['before_test_mean'])} %).")
-        low = [x for x in results["runs"] if x["status"] == "done" and x["r"] == r
-               and x["test_accuracy"] < base["test_mean"] - 0.15]
-        if low:
-            shown = ", ".join(f"`{x['method']}` seed {x['seed']} ({pct(x['test_accuracy'])} %)" for x in low)
-            out.append("Runs more than 15 pp below LoRA's mean (the lr 1e-3 was not tuned for these methods; a sweep "
-                       f"would be the fair next step): {shown}.")
-        out.append("")
+    def name(p: dict) -> str:
+        at = where(p["task"], p["r"])
+        return f"`{p['method']}`" + (f" ({at})" if at else "")
+
+    for task in tasks:
+        for r in ranks:
+            summary = {s["method"]: s for s in results["summary"] if s["r"] == r and s["task"] == task and s["n"]}
+            base = summary.get(spec["baseline"])
+            if base is None:
+                continue
+            top = max(s["test_mean"] for s in summary.values())
+            best = [s for s in summary.values() if abs(s["test_mean"] - top) < 1e-12]
+            names = " and ".join(f"**{s['method']}**" for s in best) + (" (tied)" if len(best) > 1 else "")
+            at = where(task, r)
+            out.append(f"Measured{f' ({at})' if at else ''}: the highest mean test accuracy is "
+                       f"{names} ({pct(top)} %, n = {best[0]['n']}); `{spec['baseline']}` reaches "
+                       f"{pct(base['test_mean'])} ± {pct(base['test_std'])} % (untrained head: "
+                       f"{pct(base['before_test_mean'])} %).")
+            low = [x for x in results["runs"] if x["status"] == "done" and x["r"] == r and x["task"] == task
+                   and x["test_accuracy"] < base["test_mean"] - 0.15]
+            if low:
+                shown = ", ".join(f"`{x['method']}` seed {x['seed']} ({pct(x['test_accuracy'])} %)" for x in low)
+                out.append("Runs more than 15 pp below LoRA's mean (the lr was not tuned for these methods; a "
+                           f"sweep would be the fair next step): {shown}.")
+            out.append("")
     excl = [p for p in paired if p["ci_low"] is not None and p["n"] >= 2 and (p["ci_low"] > 0 or p["ci_high"] < 0)]
-    lines = [f"{name(p['method'], p['r'])} {pp(p['diff_mean'])} pp [{pp(p['ci_low'])}, {pp(p['ci_high'])}]"
+    lines = [f"{name(p)} {pp(p['diff_mean'])} pp [{pp(p['ci_low'])}, {pp(p['ci_high'])}]"
              for p in sorted(paired, key=lambda p: (-p["r"], -(p["diff_mean"] or 0)))
              if p["n"] >= 2 and p["ci_low"] is not None]
     out.append("Paired differences to LoRA over the same seeds (95 % CI): " + "; ".join(lines) + ".")
     out.append("")
     if excl:
-        out.append("Intervals that exclude zero: " + ", ".join(f"{name(p['method'], p['r'])} ({pp(p['diff_mean'])} pp)"
+        out.append("Intervals that exclude zero: " + ", ".join(f"{name(p)} ({pp(p['diff_mean'])} pp)"
                                                             for p in excl) + ".")
     else:
         out.append("**No method's interval excludes zero**: at this scale and with this many seeds, no method is "
