@@ -22,7 +22,7 @@ SOURCES = {
     "minilm-multiemo": ("minilm-multiemo", ["results.csv", "results.json", "results.md", "*.png"]),
     "spectrum-lora": ("spectrum-lora", ["spectrum.json", "spectra_lora-seed0.png", "spectra_sorted_*.png",
                                         "tsd_positions.png", "overlap.png"]),
-    "spectrum-smollm2": ("spectrum-smollm2", ["spectrum.json", "spectra_*.png", "tsd_positions.png"]),
+    "spectrum-smollm2": ("spectrum-smollm2", ["spectra_*.png", "tsd_positions.png"]),
     "capture-multiemo": ("capture-multiemo", ["capture.json", "capture.png", "spectra_full_fine-tune.png"]),
     "spectrum-tasks": ("spectrum-tasks", ["overlap.png"]),
     "spectrum-vitaminc": ("spectrum-vitaminc", ["overlap.png"]),
@@ -46,6 +46,15 @@ def import_outputs(grids: Path) -> None:
             small = {k: report[k] for k in ("top", "sources", "summary", "overlap")}
             (HERE / pair).mkdir(exist_ok=True)
             (HERE / pair / "overlap.json").write_text(json.dumps(small, indent=1))
+    smol = grids / "spectrum-smollm2" / "spectrum.json"
+    if smol.is_file():  # 150 layers: keep σ (for the σ ratios) and the top TSDs, not the full per-layer rate vectors
+        report = json.loads(smol.read_text())
+        for layers in report["layers"].values():
+            for info in layers.values():
+                info.pop("rates", None)
+                info["sigma"] = [info["sigma"][0], info["sigma"][-1]]
+        (HERE / "spectrum-smollm2").mkdir(exist_ok=True)
+        (HERE / "spectrum-smollm2" / "spectrum.json").write_text(json.dumps(report))
     dash = grids / "spectrum-dash" / "spectrum.json"
     if dash.is_file():  # only the summary (the dash shares); the per-layer spectra stay in the grid folder
         report = json.loads(dash.read_text())
