@@ -285,6 +285,13 @@ def defaults_section() -> list[str]:
             verdict, ""]
 
 
+def spectrum_command(report: dict, folder: str, flag: str = "") -> str:
+    """The ``lora-tsd analyze spectrum`` command that wrote ``report`` (spectrum or overlap JSON) into ``folder``."""
+    paths = " ".join(x["path"].split("/work/grids/")[-1].removesuffix("/adapter") for x in report["sources"])
+    labels = " ".join(x["label"] for x in report["sources"])
+    return f"lora-tsd analyze spectrum {paths} --labels {labels} --top {report['top']} --out {folder}{flag}"
+
+
 def spectrum_section(folder: str = "spectrum-lora", title: str = "MiniLM, multiemo",
                      source: str = "Adapters of the grid above (two seeds of plain LoRA)") -> list[str]:
     """Where the top TSDs of trained adapters sit (``analyze spectrum`` JSON in ``folder``)."""
@@ -305,14 +312,12 @@ def spectrum_section(folder: str = "spectrum-lora", title: str = "MiniLM, multie
                         f"{pct(last, 0)} % | {t['mean_n50']:.1f} | {t['mean_n90']:.1f} | "
                         f"{pct(t['mean_top_share'])} % (uniform {pct(t['uniform_top_share'])} %) | "
                         f"{pct(t['mean_core_energy_share'], 2)} % |")
-    paths = " ".join(s["path"].split("/work/grids/")[-1] for s in report["sources"])
     labels = " ".join(s["label"] for s in report["sources"])
     checked = "mean_fp64_top_agreement" in next(iter(report["summary"].values()))["all"]
     flag = " --check-precision" if checked else ""
     lines = [
         f"## Change-rate spectra of trained adapters ({title})", "",
-        "```bash", f"lora-tsd analyze spectrum {paths} --labels {labels} --top {top} --out {folder}{flag}",
-        "```", "",
+        "```bash", spectrum_command(report, folder, flag), "```", "",
         f"{source}; ΔW = the adapter's whole change of every adapted layer ((α/r)·BA, plus the dash term for "
         "LoRA-Dash) against the "
         f"SVD of the pretrained weight. Position = i/(k−1) of a top-{top} "
@@ -356,12 +361,10 @@ def dash_share_section() -> list[str]:
     report = load("spectrum-dash", "spectrum.json")
     if report is None:
         return []
-    paths = " ".join(x["path"].split("/work/grids/")[-1] for x in report["sources"])
-    labels = " ".join(x["label"] for x in report["sources"])
     parts = [f"{label}: median {pct(t['all']['median_dash_share'])} %, largest {pct(t['all']['max_dash_share'])} %"
              for label, t in report["summary"].items() if "median_dash_share" in t["all"]]
     return ["### How far the dash moved", "", "```bash",
-            f"lora-tsd analyze spectrum {paths} --labels {labels} --top {report['top']} --out spectrum-dash", "```",
+            spectrum_command(report, "spectrum-dash"), "```",
             "", "The dash term U_s diag(c) V_sᵀ of a trained LoRA-Dash adapter next to the same layer's LoRA update, "
             "as ‖c‖₂ / ‖(α/r)·BA‖_F over the 36 layers (`dash_share` in spectrum.json): " + "; ".join(parts)
             + ". The dash starts at c = 0 at the switch and trains for the remaining steps at the same learning "
@@ -388,9 +391,7 @@ def overlap_pair(folder: str) -> tuple[str, str] | None:
     if pair is None:
         return None
     o = pair["overlap"]
-    paths = " ".join(x["path"].split("/work/grids/")[-1].removesuffix("/adapter") for x in pair["sources"])
-    labels = " ".join(x["label"] for x in pair["sources"])
-    command = f"lora-tsd analyze spectrum {paths} --labels {labels} --top {o['top']} --out {folder}"
+    command = spectrum_command(pair, folder)
     shared = (f"{o['mean']:.2f} of the top-{o['top']} TSDs shared per layer (median {o['shared_directions_median']} "
               f"of {o['top']}, range {o['shared_directions_min']}–{o['shared_directions_max']}; chance "
               f"{o['mean_chance']:.3f})")
