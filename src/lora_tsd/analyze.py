@@ -330,18 +330,21 @@ def source_deltas(source: Source, target_modules: list[str] | str | None = None)
 
 
 def spectra(originals: Mapping[str, torch.Tensor], deltas: Mapping[str, Delta], top: int,
-            svds: dict[str, ThinSVD] | None = None, check_precision: bool = False) -> dict[str, dict[str, Any]]:
+            svds: dict[str, ThinSVD] | None = None,
+            references: dict[str, ThinSVD] | None = None) -> dict[str, dict[str, Any]]:
     """:func:`layer_spectrum` of every layer (``svds`` caches the SVDs of the pretrained weights).
 
-    ``check_precision`` also decomposes every weight in float64 (:func:`float64_svd`) and records how many of
-    the top TSDs the two agree on (slow for large models: a float64 SVD per layer).
+    ``references`` (a cache like ``svds``, given only for the precision check) adds a float64 SVD of every
+    weight (:func:`float64_svd`) and how many of the top TSDs the two agree on (slow for large models).
     """
     svds = {} if svds is None else svds
     out = {}
     for name, delta in deltas.items():
         if name not in svds:
             svds[name] = thin_svd(originals[name])
-        reference = float64_svd(originals[name]) if check_precision else None
+        if references is not None and name not in references:
+            references[name] = float64_svd(originals[name])
+        reference = None if references is None else references[name]
         out[name] = layer_spectrum(svds[name], delta, top, reference_svd=reference)
     return out
 
@@ -403,10 +406,11 @@ def analyze_spectrum(paths: Sequence[str | Path], out: str | Path, model: str | 
     if len(sources) == 2 and sources[0].label == sources[1].label:
         sources[1] = dataclasses.replace(sources[1], label=sources[1].label + "_2")
     svds: dict[str, ThinSVD] = {}
+    references: dict[str, ThinSVD] | None = {} if check_precision else None  # both sources share the weights
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for source in sources:
         changes = source_deltas(source, target_modules)
-        results[source.label] = spectra(changes.originals, changes.deltas, top, svds, check_precision)
+        results[source.label] = spectra(changes.originals, changes.deltas, top, svds, references)
         for name, share in changes.dash_shares.items():
             results[source.label][name]["dash_share"] = share
         say(f"{source.label}: {len(changes.deltas)} layers analyzed")

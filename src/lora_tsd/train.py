@@ -112,10 +112,6 @@ class TrainConfig(DictConfig):
                          modules_to_save=modules_to_save or [])
 
 
-# ------------------------------------------------------------------------------------------- outputs
-
-
-
 def use_svd_cache(requested: bool | None, device: torch.device) -> bool:
     """Whether the switch reads and fills the on-disk SVD cache: as requested, else only on a CPU.
 
@@ -125,6 +121,10 @@ def use_svd_cache(requested: bool | None, device: torch.device) -> bool:
     would only cost time there.
     """
     return requested if requested is not None else device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Create the run folder; refuse an existing non-empty one unless ``overwrite`` (and then only a run folder)."""
