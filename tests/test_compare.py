@@ -222,3 +222,89 @@ def _parse(args):
     from lora_tsd.cli import build_parser
 
     return build_parser().parse_args(args)
+
+
+# ------------------------------------------------------------------------------------- carrying runs over
+
+
+def test_reuse_carries_committed_results_into_a_new_grid_folder(tmp_path):
+    first, trainer = tmp_path / "first", FakeTrainer()
+    run_grid(spec(seeds=[0, 1], lrs=[1e-2], tune_seeds=None), first, train=trainer, say=lambda _: None)
+    old = write_outputs(spec(seeds=[0, 1], lrs=[1e-2], tune_seeds=None), first, plots=False, say=lambda _: None)
+    # only results.json travels (the run folders stay behind, as on another machine)
+    committed = tmp_path / "committed.json"
+    committed.write_text((first / "results.json").read_text())
+    from lora_tsd.compare import reuse_results
+
+    grid, out = spec(seeds=[0, 1, 2, 3], lrs=[1e-2], tune_seeds=None), tmp_path / "second"
+    assert reuse_results(grid, out, [committed]) == (4, 0)
+    trainer.calls.clear()
+    progress = run_grid(grid, out, train=trainer, say=lambda _: None)
+    assert sorted(c[3] for c in trainer.calls) == [2, 2, 3, 3]  # only the new seeds trained
+    assert (progress.trained, progress.skipped) == (4, 4)
+    results = write_outputs(grid, out, plots=True, say=lambda _: None)
+    assert {s["n"] for s in results["summary"]} == {4}
+    carried = {(r["method"], r["seed"]): r["test_accuracy"] for r in old["runs"]}
+    for row in results["runs"]:
+        if row["seed"] < 2:
+            assert row["test_accuracy"] == carried[(row["method"], row["seed"])]
+            assert row["reused_from"] == str(committed)
+        else:
+            assert "reused_from" not in row
+    (paired,) = results["paired"]
+    assert paired["diffs"] == pytest.approx([0.02 + 0.005 * s for s in range(4)])
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["reused_from"] != "" for r in rows].count(True) == 4
+    # reused runs have no metrics.jsonl here: the curves average the two runs trained in this folder
+    from lora_tsd.compare import choose_lrs, learning_curves
+
+    curves = learning_curves(grid, out, results["runs"], choose_lrs(grid, results["runs"]), grid.tasks[0], 2)
+    assert {m: c["seeds"] for m, c in curves.items()} == {"lora": 2, "dash": 2}
+    assert len(list(out.glob("curves_*.png"))) == 1
+    # the carried runs stay in the folder: a later invocation without --reuse trains nothing
+    assert run_grid(grid, out, train=trainer, say=lambda _: None).trained == 0
+    # reusing the same file again adds nothing
+    assert reuse_results(grid, out, [committed]) == (0, 0)
+
+
+def test_reuse_refuses_other_grids_and_conflicts(tmp_path):
+    from lora_tsd.compare import reuse_results
+
+    first = tmp_path / "first"
+    small = spec(seeds=[0], lrs=[1e-2], tune_seeds=None)
+    run_grid(small, first, train=FakeTrainer(), say=lambda _: None)
+    write_outputs(small, first, plots=False, say=lambda _: None)
+    source = first / "results.json"
+    with pytest.raises(ConfigError, match="other fixed options .*steps: 4 there, 8 here"):
+        reuse_results(spec(base={"steps": 8, "prelaunch_steps": 2}), tmp_path / "a", [source])
+    with pytest.raises(ConfigError, match="model 'tiny'"):
+        reuse_results(spec(model="other"), tmp_path / "b", [source])
+    with pytest.raises(ConfigError, match="no such file"):
+        reuse_results(spec(), tmp_path / "c", [tmp_path / "missing.json"])
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a compare results.json"):
+        reuse_results(spec(), tmp_path / "d", [tmp_path / "bad.json"])
+    # runs outside the new grid (another method) are counted and ignored
+    only_lora = spec(methods=[MethodVariant.parse("lora")], seeds=[0], lrs=[1e-2], tune_seeds=None)
+    assert reuse_results(only_lora, tmp_path / "e", [source]) == (1, 1)
+    # the same run with other results in two sources is an error, never a silent pick
+    data = json.loads(source.read_text())
+    data["runs"][0]["test_accuracy"] += 0.1
+    (tmp_path / "tampered.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="different results"):
+        reuse_results(small, tmp_path / "f", [source, tmp_path / "tampered.json"])
+
+
+def test_reuse_from_the_command_line(tmp_path, assets, capsys):
+    first = tmp_path / "first"
+    assert main(compare_args(assets, first, "--no-plots")) == 0
+    capsys.readouterr()
+    second = tmp_path / "second"
+    args = compare_args(assets, second, "--reuse", str(first / "results.json"), "--dry-run")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "reuse: 8 run(s) carried" in printed and printed.count("reused ") == 8
+    assert main(compare_args(assets, second, "--no-plots")) == 0
+    assert "grid: 0 trained (0 failed), 8 already there" in capsys.readouterr().out
+    assert main(compare_args(assets, tmp_path / "third", "--reuse", str(tmp_path / "nope.json"))) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -22,6 +22,12 @@ The t quantile is computed here (regularized incomplete beta + bisection; scipy 
 Method variants: ``--methods dash dash:selector=top dash:dash_directions=4,prelaunch_steps=50`` runs LoRA-Dash
 with other :class:`~lora_tsd.train.TrainConfig` values; the label (the whole string) names the row.
 
+Carrying runs over: run folders hold adapters and are not meant to be committed, but ``results.json`` is.
+``--reuse OLD/results.json`` copies the finished and failed runs of an earlier invocation (same model, same fixed
+options) into ``<out>/reused.json``; from then on the grid treats them as finished (never trains them again)
+and reports them with the runs it trains itself, so a grid can be continued on another machine from its
+committed results. Reused runs have no ``metrics.jsonl`` here: the learning curves average the runs that do.
+
 Outputs in ``<out>``: ``results.csv`` (one row per run), ``results.json`` (runs, selection, summary, paired
 differences, the command), ``results.md`` (the tables), ``accuracy.png`` and ``curves_<task>_r<r>.png``.
 """
@@ -52,6 +58,8 @@ GRID_FIELDS = ("model", "task", "method", "r", "lr", "seed", "output_dir", "over
 #: ``svd_cache`` only decides whether the switch's SVDs are read back or recomputed (the same decomposition).
 NEUTRAL_FIELDS = ("output_dir", "overwrite", "progress", "eval_batch_size", "svd_cache")
 FAILED_FILE = "failed.json"
+#: Runs carried over from earlier results.json files (``--reuse``), inside the grid folder.
+REUSED_FILE = "reused.json"
 
 # ------------------------------------------------------------------------------------------- statistics
 
@@ -242,6 +250,10 @@ def _lr_text(lr: float) -> str:
     return f"{lr:g}"
 
 
+#: (task, method label, r, lr, seed): how a run is named in results.json rows.
+RowKey = tuple[str, str, int, float, int]
+
+
 @dataclass(frozen=True)
 class RunKey:
     task: str
@@ -253,6 +265,10 @@ class RunKey:
     @property
     def group(self) -> tuple[str, str, int]:
         return (self.task, self.variant.label, self.r)
+
+    @property
+    def row_key(self) -> RowKey:
+        return (self.task, self.variant.label, self.r, float(self.lr), self.seed)
 
     def path(self, out: Path) -> Path:
         return (Path(out) / "runs" / _slug(self.task) / _slug(self.variant.label) / f"r{self.r}"
@@ -319,6 +335,70 @@ def _check_settings(path: Path, cfg: Any) -> None:
                           "or delete that run folder")
 
 
+def _row_key(row: dict[str, Any]) -> RowKey:
+    return (row["task"], row["method"], int(row["r"]), float(row["lr"]), int(row["seed"]))
+
+
+def load_reused(out: Path) -> dict[RowKey, dict[str, Any]]:
+    """The runs carried into this grid folder by ``--reuse`` (empty when there are none)."""
+    path = Path(out) / REUSED_FILE
+    if not path.is_file():
+        return {}
+    return {_row_key(row): row for row in json.loads(path.read_text(encoding="utf-8"))["runs"]}
+
+
+def reuse_results(spec: GridSpec, out: str | Path, sources: Sequence[str | Path]) -> tuple[int, int]:
+    """Carry the finished and failed runs of earlier ``results.json`` files into ``<out>/reused.json``.
+
+    A source must come from a grid on the same model with the same fixed options (neutral fields aside), or it
+    is refused; its runs that are not part of this grid are ignored. A run found in two sources with different
+    results is an error. Returns ``(runs carried, runs of the sources outside this grid)``.
+    """
+    out = Path(out)
+    wanted = {k.row_key for k in _all_keys(spec)}
+    reused = load_reused(out)
+    carried = outside = 0
+    for source in map(Path, sources):
+        if not source.is_file():
+            raise ConfigError(f"--reuse {str(source)!r}: no such file (give a results.json written by compare)")
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+            old, runs = data["spec"], data["runs"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"--reuse {str(source)!r} is not a compare results.json ({err})") from None
+        if old.get("model") != spec.model:
+            raise ConfigError(f"--reuse {str(source)!r} is a grid on model {old.get('model')!r}, this one is on "
+                              f"{spec.model!r}")
+        saved, mine = _comparable(old.get("base", {})), _comparable(spec.base)
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} here" for k in diff)
+            raise ConfigError(f"--reuse {str(source)!r} was run with other fixed options ({shown})")
+        for row in runs:
+            if row.get("status") not in ("done", "failed"):
+                continue
+            key = _row_key(row)
+            if key not in wanted:
+                outside += 1
+                continue
+            row = {**row, "reused_from": row.get("reused_from") or str(source)}
+            known = reused.get(key)
+            if known is not None:
+                if _comparable_row(known) != _comparable_row(row):
+                    raise ConfigError(f"--reuse: the run {key} has different results in {known['reused_from']!r} "
+                                      f"and {str(source)!r}")
+                continue
+            reused[key] = row
+            carried += 1
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / REUSED_FILE, _clean({"runs": list(reused.values())}))
+    return carried, outside
+
+
+def _comparable_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k.startswith(("val_", "test_", "before_test_")) or k == "status"}
+
+
 # ------------------------------------------------------------------------------------------- execution
 
 
@@ -338,19 +418,28 @@ class _Executor:
         self.max_runs, self.say, self.shard = max_runs, say, shard
         self.progress = GridProgress()
         self.seen: set[RunKey] = set()
+        self.reused = load_reused(out)
+
+    def status(self, key: RunKey) -> str:
+        status = run_status(key.path(self.out))
+        reused = self.reused.get(key.row_key)
+        if status in ("missing", "partial") and reused is not None:
+            return reused["status"]
+        return status
 
     def budget_left(self) -> bool:
         return self.max_runs is None or self.progress.trained < self.max_runs
 
     def ensure(self, key: RunKey, index: int, total: int) -> str:
         if key in self.seen:
-            return run_status(key.path(self.out))
+            return self.status(key)
         self.seen.add(key)
         path = key.path(self.out)
         cfg = make_config(self.spec, key, self.out)
-        status = run_status(path)
+        status = self.status(key)
         if status == "done":
-            _check_settings(path, cfg)
+            if (path / "summary.json").is_file():  # reused runs were checked when they were carried in
+                _check_settings(path, cfg)
             self.progress.skipped += 1
             return status
         if status == "failed" and not self.retry_failed:
@@ -371,7 +460,7 @@ class _Executor:
             self.say(f"    failed: {type(err).__name__}: {err}")
         self.progress.trained += 1
         self.progress.seconds += time.time() - started
-        return run_status(path)
+        return self.status(key)
 
 
 def run_grid(spec: GridSpec, out: str | Path, train: Callable[..., Any] | None = None, retry_failed: bool = False,
@@ -446,13 +535,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def collect_runs(spec: GridSpec, out: str | Path) -> list[dict[str, Any]]:
-    """One record per existing run folder of the grid (done or failed), in grid order."""
+    """One record per finished or failed run of the grid, in grid order: its run folder, else a reused run."""
     out = Path(out)
+    reused = load_reused(out)
     rows = []
     for key in _all_keys(spec):
         path = key.path(out)
         status = run_status(path)
         if status not in ("done", "failed"):
+            carried = reused.get(key.row_key)
+            if carried is not None:
+                rows.append(dict(carried))
             continue
         row: dict[str, Any] = {"task": key.task, "method": key.variant.label, "base_method": key.variant.method,
                                "r": key.r, "lr": key.lr, "seed": key.seed, "status": status,
@@ -570,10 +663,11 @@ def write_csv(rows: list[dict[str, Any]], path: Path, chosen: dict[tuple[str, st
     first = ["task", "method", "base_method", "r", "lr", "seed", "status", "chosen_lr"]
     keys: list[str] = []
     for row in rows:
-        keys += [k for k in row if k not in first and k not in keys and k not in ("run_dir", "error")]
+        keys += [k for k in row if k not in first and k not in keys and k not in ("run_dir", "error", "reused_from")]
     metric_keys = sorted(k for k in keys if k.startswith(("val_", "test_", "before_test_")))
     rest = [k for k in keys if k not in metric_keys]
-    header = first + metric_keys + rest + ["run_dir", "error"]
+    header = first + metric_keys + rest + ["run_dir", "error"] + (
+        ["reused_from"] if any("reused_from" in row for row in rows) else [])
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -715,7 +809,8 @@ def learning_curves(spec: GridSpec, out: Path, rows: list[dict[str, Any]], chose
     for variant in spec.methods:
         lr = chosen.get((task, variant.label, r))
         runs = [row for row in rows if (row["task"], row["method"], row["r"], row["lr"]) ==
-                (task, variant.label, r, lr) and row["status"] == "done"]
+                (task, variant.label, r, lr) and row["status"] == "done"
+                and (out / row["run_dir"] / "metrics.jsonl").is_file()]  # reused runs have no log here
         if not runs:
             continue
         per_step: dict[int, list[float]] = {}
@@ -792,6 +887,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="train only every N-th run starting at I (run N processes on one grid folder)")
     parser.add_argument("--retry-failed", action="store_true", help="train runs that failed before once more")
+    parser.add_argument("--reuse", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="carry the runs of earlier results.json files of this grid (same model and fixed "
+                             "options) into --out: they count as finished and are reported, not trained again")
     parser.add_argument("--report-only", action="store_true", help="train nothing; rewrite the results from runs/")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -858,11 +956,19 @@ def main_from_args(args: Any) -> int:
     spec = spec_from_args(args)
     out = Path(args.out)
     command = command_line(spec, out)
+    if args.reuse:
+        carried, outside = reuse_results(spec, out, args.reuse)
+        print(f"reuse: {carried} run(s) carried into {out / REUSED_FILE}" +
+              (f"; {outside} run(s) of the sources are not part of this grid" if outside else ""))
     if args.dry_run:
+        reused = load_reused(out)
         keys = tuning_keys(spec) or [RunKey(t, v, r, spec.lrs[0], s) for t, v, r in groups(spec) for s in spec.seeds]
         for key in keys:
             make_config(spec, key, out)
-            print(f"{run_status(key.path(out)):<8} {key.describe()}")
+            status = run_status(key.path(out))
+            if status in ("missing", "partial") and key.row_key in reused:
+                status = "reused"
+            print(f"{status:<8} {key.describe()}")
         if len(spec.lrs) > 1:
             rest = len(groups(spec)) * (len(spec.seeds) - len(spec.tuning_seeds))
             print(f"+ {rest} run(s) of the other seeds at each group's chosen lr")
