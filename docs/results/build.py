@@ -104,8 +104,8 @@ def grid_section(name: str, title: str, notes: str = "") -> list[str]:
     lines = [f"## {title}", "", "Command (the grid is resumable: re-running it trains only what is missing, then "
              "rewrites the tables):", "", "```bash", command, "```", "",
              f"Raw per-run results: [`results/{name}/results.csv`](results/{name}/results.csv) "
-             f"({len(runs)} finished runs; summed run wall time {wall / 60:.0f} min on the shared 2-core CPU, "
-             f"1 thread per run, `nice -n 19`).", ""]
+             f"({len(runs)} finished runs; summed run wall time {wall / 60:.0f} min on the 2-core CPU, "
+             f"1 thread per run, two runs side by side).", ""]
     lines += [tables.rstrip(), ""]
     lines += headline_statements(results)
     return lines + ([notes, ""] if notes else [])
