@@ -154,15 +154,17 @@ def aggregate(layers: Mapping[str, Mapping[str, Any]], top: int) -> dict[str, An
 
 
 def _agreement(infos: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Optional per-layer facts over layers: fp32-vs-float64 agreement of the top TSDs, the dash term's share."""
+    """Optional per-layer facts over layers: fp32-vs-float64 agreement of the top TSDs, the dash term's share,
+    LoRA-Init's start ratio."""
     out: dict[str, Any] = {}
     values = [i["fp64_top_agreement"] for i in infos if "fp64_top_agreement" in i]
     if values:
         out |= {"mean_fp64_top_agreement": sum(values) / len(values), "min_fp64_top_agreement": min(values),
                 "layers_fp64_top_equal": sum(v == 1.0 for v in values)}
-    shares = sorted(i["dash_share"] for i in infos if "dash_share" in i)
-    if shares:
-        out |= {"median_dash_share": shares[len(shares) // 2], "max_dash_share": shares[-1]}
+    for fact in ("dash_share", "init_start_ratio"):
+        values = sorted(i[fact] for i in infos if fact in i)
+        if values:
+            out |= {f"median_{fact}": values[len(values) // 2], f"min_{fact}": values[0], f"max_{fact}": values[-1]}
     return out
 
 
@@ -269,6 +271,19 @@ def dash_share(layer: nn.Module) -> float:
     return float(layer.dash_c.detach().double().norm()) / lora if lora > 0 else math.inf
 
 
+def init_start_ratio(layer: nn.Module) -> float:
+    """``‖A₀‖_F / ‖A_LoRA‖_F``: how large LoRA-Init's starting factors are next to the random A LoRA starts from.
+
+    The switch sets ``(α/r)·B₀A₀ = U_T diag(σ_T) V_Tᵀ`` with the √σ split, so ``‖A₀‖_F = ‖B₀‖_F =
+    √(Σσ_T / (α/r))``; LoRA starts from this layer's Kaiming-uniform A (``‖A‖_F ≈ √(r/3)``) and B = 0. The
+    gradient of B is proportional to A and that of A to B, so a small ratio means LoRA-Init starts both factors
+    near the saddle B = A = 0, where the low-rank update grows slowly.
+    """
+    count = int((layer.init_idx >= 0).sum())
+    fresh = layer._fresh_A(layer.config.r, layer.init_A0.device)
+    return float(layer.init_A0[:count].detach().double().norm() / fresh.double().norm())
+
+
 def _load_base(model_name: str, num_labels: int | None):
     from .models import load_model
 
@@ -277,12 +292,12 @@ def _load_base(model_name: str, num_labels: int | None):
 
 
 class SourceChanges(NamedTuple):
-    """Per layer of a source: the pretrained ``(out, in)`` weight, the change, and (switched dash layers of
-    lora-tsd adapters only) :func:`dash_share`."""
+    """Per layer of a source: the pretrained ``(out, in)`` weight, the change, and facts only switched lora-tsd
+    adapter layers have (``dash_share``: :func:`dash_share`; ``init_start_ratio``: :func:`init_start_ratio`)."""
 
     originals: dict[str, torch.Tensor]
     deltas: dict[str, Delta]
-    dash_shares: dict[str, float]
+    layer_facts: dict[str, dict[str, float]]
 
 
 def source_deltas(source: Source, target_modules: list[str] | str | None = None) -> SourceChanges:
@@ -302,13 +317,17 @@ def source_deltas(source: Source, target_modules: list[str] | str | None = None)
         originals = {n: _out_in(base.get_submodule(n)) for n in names}
         load_adapter(base, source.path)
         deltas: dict[str, Delta] = {}
-        shares: dict[str, float] = {}
+        facts: dict[str, dict[str, float]] = {}
         for name, layer in adapted_layers(base):
             B, A = layer.original_delta_factors()
             deltas[name] = (B.detach().float().cpu(), A.detach().float().cpu())
-            if layer.dash_c is not None and layer.is_switched:
-                shares[name] = dash_share(layer)
-        return SourceChanges(originals, deltas, shares)
+            if not layer.is_switched:
+                continue
+            if layer.dash_c is not None:
+                facts.setdefault(name, {})["dash_share"] = dash_share(layer)
+            if layer.config.init_size:
+                facts.setdefault(name, {})["init_start_ratio"] = init_start_ratio(layer)
+        return SourceChanges(originals, deltas, facts)
     names = target_names(base, target_modules)
     originals = {n: _out_in(base.get_submodule(n)) for n in names}
     if source.kind == "peft":
@@ -411,8 +430,8 @@ def analyze_spectrum(paths: Sequence[str | Path], out: str | Path, model: str | 
     for source in sources:
         changes = source_deltas(source, target_modules)
         results[source.label] = spectra(changes.originals, changes.deltas, top, svds, references)
-        for name, share in changes.dash_shares.items():
-            results[source.label][name]["dash_share"] = share
+        for name, facts in changes.layer_facts.items():
+            results[source.label][name].update(facts)
         say(f"{source.label}: {len(changes.deltas)} layers analyzed")
     overlap_info = overlap_report(*results.values(), top) if len(results) == 2 else None
     report = {
@@ -733,6 +752,10 @@ def main_from_args(args: Any) -> int:
             if "median_dash_share" in s:
                 print(f"{label}: dash term ‖c‖ / ‖(α/r)BA‖_F: median {s['median_dash_share']:.4f}, "
                       f"max {s['max_dash_share']:.4f} over layers")
+            if "median_init_start_ratio" in s:
+                print(f"{label}: LoRA-Init's starting factors ‖A₀‖_F / ‖A_LoRA‖_F: median "
+                      f"{s['median_init_start_ratio']:.3f} (range {s['min_init_start_ratio']:.3f}–"
+                      f"{s['max_init_start_ratio']:.3f}) over layers")
             if "mean_fp64_top_agreement" in s:
                 print(f"{label}: fp32 vs float64 SVD, top-{report['top']} TSDs agree on "
                       f"{100 * s['mean_fp64_top_agreement']:.1f}% on average (min "
