@@ -255,12 +255,21 @@ def test_reuse_carries_committed_results_into_a_new_grid_folder(tmp_path):
     assert paired["diffs"] == pytest.approx([0.02 + 0.005 * s for s in range(4)])
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["reused_from"] != "" for r in rows].count(True) == 4
-    # reused runs have no metrics.jsonl here: the curves average the two runs trained in this folder
+    # the loss curves travel in results.json: the plot averages the carried runs and the new ones
     from lora_tsd.compare import choose_lrs, learning_curves
 
-    curves = learning_curves(grid, out, results["runs"], choose_lrs(grid, results["runs"]), grid.tasks[0], 2)
-    assert {m: c["seeds"] for m, c in curves.items()} == {"lora": 2, "dash": 2}
+    chosen = choose_lrs(grid, results["runs"])
+    curves = learning_curves(grid, results["runs"], chosen, grid.tasks[0], 2)
+    assert {m: c["seeds"] for m, c in curves.items()} == {"lora": 4, "dash": 4}
+    assert curves["lora"]["steps"] == [1, 2, 3, 4]
+    assert curves["lora"]["loss"] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4], rel=1e-4)  # kept to 5 digits
     assert len(list(out.glob("curves_*.png"))) == 1
+    # rows from results written before curves were kept are left out of the curves, not mistaken for flat ones
+    old_format = [{k: v for k, v in row.items() if k != "loss_curve"} if row["seed"] < 2 else row
+                  for row in results["runs"]]
+    curves = learning_curves(grid, old_format, chosen, grid.tasks[0], 2)
+    assert {m: c["seeds"] for m, c in curves.items()} == {"lora": 2, "dash": 2}
+    assert "loss_curve" not in rows[0]  # the CSV stays one line per run
     # the carried runs stay in the folder: a later invocation without --reuse trains nothing
     assert run_grid(grid, out, train=trainer, say=lambda _: None).trained == 0
     # reusing the same file again adds nothing

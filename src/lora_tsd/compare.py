@@ -524,6 +524,15 @@ def _mean_loss(path: Path, last: int = 10) -> float | None:
     return sum(losses[-last:]) / len(losses[-last:]) if losses else None
 
 
+def _loss_curve(path: Path) -> list[list[float]] | None:
+    """``[[step, loss], ...]`` of a run's metrics log (5 significant digits), kept in results.json so a run
+    carried to another machine with ``--reuse`` keeps its learning curve."""
+    log = path / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    return [[r["step"], float(f"{r['loss']:.5g}")] for r in _read_jsonl(log) if r.get("event") == "step"]
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -560,7 +569,8 @@ def collect_runs(spec: GridSpec, out: str | Path) -> list[dict[str, Any]]:
                 row[f"before_test_{name}"] = value
             row.update(steps=summary["config"]["steps"], switch_step=summary.get("switch_step"),
                        trainable_parameters=summary["model"]["trainable_parameters"],
-                       final_train_loss=_mean_loss(path), wall_time_s=summary.get("wall_time_s"))
+                       final_train_loss=_mean_loss(path), wall_time_s=summary.get("wall_time_s"),
+                       loss_curve=_loss_curve(path))
         else:
             row["error"] = json.loads((path / FAILED_FILE).read_text(encoding="utf-8")).get("error")
         rows.append(row)
@@ -663,7 +673,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path, chosen: dict[tuple[str, st
     first = ["task", "method", "base_method", "r", "lr", "seed", "status", "chosen_lr"]
     keys: list[str] = []
     for row in rows:
-        keys += [k for k in row if k not in first and k not in keys and k not in ("run_dir", "error", "reused_from")]
+        keys += [k for k in row if k not in first and k not in keys
+                 and k not in ("run_dir", "error", "reused_from", "loss_curve")]  # the curve stays in results.json
     metric_keys = sorted(k for k in keys if k.startswith(("val_", "test_", "before_test_")))
     rest = [k for k in keys if k not in metric_keys]
     header = first + metric_keys + rest + ["run_dir", "error"] + (
@@ -802,25 +813,25 @@ def write_outputs(spec: GridSpec, out: str | Path, command: str | None = None, p
     return results
 
 
-def learning_curves(spec: GridSpec, out: Path, rows: list[dict[str, Any]], chosen: dict, task: str,
+def learning_curves(spec: GridSpec, rows: list[dict[str, Any]], chosen: dict, task: str,
                     r: int) -> dict[str, dict[str, Any]]:
-    """Per method at its chosen lr: training loss per step averaged over seeds, and the switch step."""
+    """Per method at its chosen lr: training loss per step averaged over seeds, and the switch step.
+
+    Runs without a ``loss_curve`` (carried by ``--reuse`` from results written before curves were kept) are
+    left out; ``seeds`` says how many runs each curve averages.
+    """
     curves = {}
     for variant in spec.methods:
         lr = chosen.get((task, variant.label, r))
         runs = [row for row in rows if (row["task"], row["method"], row["r"], row["lr"]) ==
-                (task, variant.label, r, lr) and row["status"] == "done"
-                and (out / row["run_dir"] / "metrics.jsonl").is_file()]  # reused runs have no log here
+                (task, variant.label, r, lr) and row["status"] == "done" and row.get("loss_curve")]
         if not runs:
             continue
         per_step: dict[int, list[float]] = {}
-        switch = None
+        switch = next((row["switch_step"] for row in runs if row.get("switch_step") is not None), None)
         for row in runs:
-            for record in _read_jsonl(out / row["run_dir"] / "metrics.jsonl"):
-                if record.get("event") == "step":
-                    per_step.setdefault(record["step"], []).append(record["loss"])
-                elif record.get("event") == "switch" and switch is None:
-                    switch = record["step"]
+            for step, loss in row["loss_curve"]:
+                per_step.setdefault(int(step), []).append(loss)
         steps = sorted(per_step)
         curves[variant.label] = {"steps": steps, "loss": [sum(per_step[s]) / len(per_step[s]) for s in steps],
                                  "switch": switch, "seeds": len(runs)}
@@ -848,7 +859,7 @@ def _make_plots(spec: GridSpec, out: Path, rows, summary, chosen, say) -> list[s
                         title=f"{spec.model}: test {spec.metric} at the chosen lr (mean ± std, dots: seeds)")
     made.append("accuracy.png")
     for t, r in _columns(spec):
-        curves = learning_curves(spec, out, rows, chosen, t, r)
+        curves = learning_curves(spec, rows, chosen, t, r)
         if not curves:
             continue
         name = f"curves_{_slug(t)}_r{r}.png"
