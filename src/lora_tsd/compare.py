@@ -26,7 +26,8 @@ Carrying runs over: run folders hold adapters and are not meant to be committed,
 ``--reuse OLD/results.json`` copies the finished and failed runs of an earlier invocation (same model, same fixed
 options) into ``<out>/reused.json``; from then on the grid treats them as finished (never trains them again)
 and reports them with the runs it trains itself, so a grid can be continued on another machine from its
-committed results. Reused runs have no ``metrics.jsonl`` here: the learning curves average the runs that do.
+committed results. Each run's loss curve is kept in ``results.json``, so carried runs keep their learning
+curves (runs carried from results written before curves were kept are left out of the curve plots).
 
 Outputs in ``<out>``: ``results.csv`` (one row per run), ``results.json`` (runs, selection, summary, paired
 differences, the command), ``results.md`` (the tables), ``accuracy.png`` and ``curves_<task>_r<r>.png``.
@@ -530,7 +531,8 @@ def _loss_curve(path: Path) -> list[list[float]] | None:
     log = path / "metrics.jsonl"
     if not log.is_file():
         return None
-    return [[r["step"], float(f"{r['loss']:.5g}")] for r in _read_jsonl(log) if r.get("event") == "step"]
+    return [[r["step"], float(f"{r['loss']:.5g}")] for r in _read_jsonl(log)
+            if r.get("event") == "step" and isinstance(r.get("loss"), int | float) and math.isfinite(r["loss"])]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
