@@ -903,7 +903,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--reuse", nargs="+", default=None, metavar="RESULTS_JSON",
                         help="carry the runs of earlier results.json files of this grid (same model and fixed "
                              "options) into --out: they count as finished and are reported, not trained again")
-    parser.add_argument("--report-only", action="store_true", help="train nothing; rewrite the results from runs/")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing; rewrite the results from runs/ (and the runs carried by --reuse)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     fixed = parser.add_argument_group("fixed train options (the same for every run; see `lora-tsd train -h`)")
