@@ -657,8 +657,14 @@ def main() -> None:
     lines = [head.rstrip(), ""]
     lines += grid_section("minilm-multiemo",
                           "MiniLM on BIG-bench multiemo (2-class sentiment), r ∈ {{2, 8}}, {methods} methods")
-    lines += grid_section("minilm-multiemo4", "MiniLM on multiemo 4-class (ambivalent / negative / neutral / "
-                                              "positive), r = 8, {methods} methods")
+    lines += grid_section(
+        "minilm-multiemo4", "MiniLM on multiemo 4-class (ambivalent / negative / neutral / positive), r = 8, "
+        "{methods} methods",
+        "`init:init_estimator=gradient` is LoRA-Init with the gradient probe instead of the pre-launch (method.md "
+        "§4): it ranks the directions by |u_iᵀ G v_i| / σ_i of the full-weight gradient G over the first 8 batches "
+        "and switches at step 0, so its adapter trains for the whole 200 steps, as LoRA's does, where the default "
+        "LoRA-Init restarts at step 100. It separates the two things the default LoRA-Init changes at once: "
+        "where the adapter starts and how many steps it gets.")
     lines += grid_section(
         "minilm-hyperbaton", "MiniLM on hyperbaton (adjective order, 2-way), r = 8, {methods} methods",
         "hyperbaton (BIG-bench): which of two phrases puts its adjectives in the right English order (`a` or `b`), "
