@@ -643,6 +643,14 @@ def paper_section() -> list[str]:
     return lines
 
 
+GRADIENT_NOTE = (
+    "`init:init_estimator=gradient` is LoRA-Init with the gradient probe instead of the pre-launch (method.md §4): "
+    "it ranks the directions by |u_iᵀ G v_i| / σ_i of the full-weight gradient G over the first 8 batches and "
+    "switches at step 0, so its adapter trains for the whole 200 steps, as LoRA's does, where the default LoRA-Init "
+    "restarts at step 100. It separates the two things the default LoRA-Init changes at once: where the adapter "
+    "starts and how many steps it gets.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--import", dest="grids", type=Path, help="copy the outputs from this folder first")
@@ -659,18 +667,13 @@ def main() -> None:
                           "MiniLM on BIG-bench multiemo (2-class sentiment), r ∈ {{2, 8}}, {methods} methods")
     lines += grid_section(
         "minilm-multiemo4", "MiniLM on multiemo 4-class (ambivalent / negative / neutral / positive), r = 8, "
-        "{methods} methods",
-        "`init:init_estimator=gradient` is LoRA-Init with the gradient probe instead of the pre-launch (method.md "
-        "§4): it ranks the directions by |u_iᵀ G v_i| / σ_i of the full-weight gradient G over the first 8 batches "
-        "and switches at step 0, so its adapter trains for the whole 200 steps, as LoRA's does, where the default "
-        "LoRA-Init restarts at step 100. It separates the two things the default LoRA-Init changes at once: "
-        "where the adapter starts and how many steps it gets.")
+        "{methods} methods", GRADIENT_NOTE)
     lines += grid_section(
         "minilm-hyperbaton", "MiniLM on hyperbaton (adjective order, 2-way), r = 8, {methods} methods",
         "hyperbaton (BIG-bench): which of two phrases puts its adjectives in the right English order (`a` or `b`), "
         "a syntactic task with nothing of sentiment in it; the third MiniLM task because vitaminc (next) is not "
         "learned at this budget. Protocol as above (2,000 training examples, 400 validation and 400 test "
-        "examples, 200 steps, lr 1e-3 for every method).")
+        "examples, 200 steps, lr 1e-3 for every method). " + GRADIENT_NOTE)
     lines += grid_section(
         "minilm-tasks", "MiniLM on vitaminc (3-way fact verification), r = 8, {methods} methods",
         "vitaminc is the only grid with an lr sweep: each method trained seed 0 at lr 1e-3 and 3e-3, the lr with the "
