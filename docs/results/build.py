@@ -148,8 +148,9 @@ def headline_statements(results: dict) -> list[str]:
                    and x["test_accuracy"] < base["test_mean"] - 0.15]
             if low:
                 shown = ", ".join(f"`{x['method']}` seed {x['seed']} ({pct(x['test_accuracy'])} %)" for x in low)
-                out.append("Runs more than 15 pp below LoRA's mean (the lr was not tuned for these methods; a "
-                           f"sweep would be the fair next step): {shown}.")
+                out.append("Runs more than 15 pp below LoRA's mean (read them with the learning curves: the lr "
+                           "was not tuned, and LoRA-Init / LoRA-TSD restart their adapter at the switch): "
+                           f"{shown}.")
             out.append("")
     excl = [p for p in paired if p["ci_low"] is not None and p["n"] >= 2 and (p["ci_low"] > 0 or p["ci_high"] < 0)]
     lines = [f"{name(p)} {pp(p['diff_mean'])} pp [{pp(p['ci_low'])}, {pp(p['ci_high'])}]"
