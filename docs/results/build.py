@@ -109,6 +109,13 @@ def grid_section(name: str, title: str, notes: str = "") -> list[str]:
              f"({len(runs)} finished runs; summed run wall time {wall / 60:.0f} min on the 2-core CPU, "
              f"1 thread per run, two runs side by side).", ""]
     lines += [tables.rstrip(), ""]
+    # Learning curves drawn by an earlier invocation from runs whose logs were not carried to this machine (the
+    # runs are the same ones the tables report): still shown, and said so.
+    for png in sorted((HERE / name).glob("curves_*.png")):
+        if png.name not in results.get("plots", []):
+            lines += [f"![{png.name}](results/{name}/{png.name})", "",
+                      f"_{png.name}: drawn by an earlier invocation of this grid from the runs of earlier sessions "
+                      "(their per-step logs were not carried over, so the current invocation cannot redraw it)._", ""]
     lines += headline_statements(results)
     return lines + ([notes, ""] if notes else [])
 
@@ -198,9 +205,16 @@ def headline_table() -> list[str]:
     lines = ["| method | " + " | ".join(f"`{t}` r={r}" for t, r in columns) + " |", "|---|" + "---|" * len(columns)]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(cells.get((c, method), "–") for c in columns) + " |")
-    excluding = [f"{m} on {t} r={r}" for ((t, r), m), c in cells.items() if "[" in c and _excludes_zero(c)]
-    verdict = ("Intervals that exclude zero: " + ", ".join(excluding) + "." if excluding else
-               "No interval excludes zero: at this scale no method is distinguishable from LoRA.")
+    excluding = [(f"{m} on {t} r={r}", c.split("; ", 1)[1].startswith("−")) for ((t, r), m), c in cells.items()
+                 if "[" in c and _excludes_zero(c)]
+    below = [name for name, negative in excluding if negative]
+    above = [name for name, negative in excluding if not negative]
+    verdict = " ".join(
+        ([f"Below LoRA beyond the interval: {', '.join(below)}."] if below else [])
+        + ([f"Above LoRA beyond the interval: {', '.join(above)}."] if above else [])
+        + ([] if above else ["No method beats LoRA beyond its interval."])
+        + (["LoRA-Init and LoRA-TSD restart their adapter at the switch (step 100 of 200): see the report."]
+           if any(name.startswith(("init ", "tsd ")) for name in below) else []))
     swept = [load(n, "results.json") for n in HEADLINE_GRIDS]
     swept = [f"`{t}`: the better of lr {' and '.join(f'{lr:g}' for lr in g['spec']['lrs'])} on validation, per method"
              for g in swept if g and len(g["spec"]["lrs"]) > 1 for t in g["spec"]["tasks"]]
