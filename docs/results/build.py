@@ -722,7 +722,7 @@ def main() -> None:
         "the library's default for LLaMA-type models, as in the paper), answer-only loss, each answer scored by "
         "its summed log-likelihood (accuracy) and per-character (accuracy_norm); fp32 on the CPU (bf16 autocast "
         "is 13× slower on this machine), 150 optimizer steps of batch 8, sequences cut at 96 tokens, t = 50 "
-        "pre-launch steps, lr 2e-3 (the train default) for both methods, 200 validation and 200 test questions. "
+        "pre-launch steps, lr 2e-3 (the train default) for every method, 200 validation and 200 test questions. "
         "The weights are dequantized from a 4-bit release (offline.md), so their small singular values carry "
         "quantization noise.")
     lines += grid_section(
