@@ -262,7 +262,7 @@ ABLATION_FAMILIES = {
     "selector": ("which directions get the dash", "tsd (change-rate ranking)"),
     "dash_directions": ("s, the number of dash directions", "8"),
     "prelaunch_steps": ("t, the pre-launch steps before the switch", "100"),
-    "init_estimator": ("how LoRA-Init ranks directions", "prelaunch"),
+    "init_estimator": ("how the init directions are ranked (LoRA-Init, LoRA-TSD)", "prelaunch"),
     "dash_placement": ("where LoRA-TSD puts its dash", "shared"),
 }
 
