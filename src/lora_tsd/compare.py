@@ -321,6 +321,12 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in NEUTRAL_FIELDS}
 
 
+def _settings_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Names of the options (neutral fields aside) on which two settings dicts differ, sorted."""
+    saved, wanted = _comparable(saved), _comparable(wanted)
+    return sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+
+
 def _check_settings(path: Path, cfg: Any) -> None:
     """A finished run made with other settings than the grid asks for is an error, never silently reused."""
     from .train import TrainConfig
@@ -328,8 +334,8 @@ def _check_settings(path: Path, cfg: Any) -> None:
     summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
     # Options added to TrainConfig after the run was made take their default (the behaviour it ran with).
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    saved, wanted = _comparable({**defaults, **summary.get("config", {})}), _comparable(cfg.to_dict())
-    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    saved, wanted = {**defaults, **summary.get("config", {})}, cfg.to_dict()
+    diff = _settings_diff(saved, wanted)
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in diff[:5])
         raise ConfigError(f"the finished run {path} was trained with other settings ({shown}); use another --out "
@@ -338,6 +344,13 @@ def _check_settings(path: Path, cfg: Any) -> None:
 
 def _row_key(row: dict[str, Any]) -> RowKey:
     return (row["task"], row["method"], int(row["r"]), float(row["lr"]), int(row["seed"]))
+
+
+def carried_run(key: RunKey, out: Path, reused: dict[RowKey, dict[str, Any]]) -> dict[str, Any] | None:
+    """The reused row that stands for ``key``: only when its run folder holds no finished or failed run."""
+    if run_status(key.path(out)) in ("done", "failed"):
+        return None
+    return reused.get(key.row_key)
 
 
 def load_reused(out: Path) -> dict[RowKey, dict[str, Any]]:
@@ -370,8 +383,8 @@ def reuse_results(spec: GridSpec, out: str | Path, sources: Sequence[str | Path]
         if old.get("model") != spec.model:
             raise ConfigError(f"--reuse {str(source)!r} is a grid on model {old.get('model')!r}, this one is on "
                               f"{spec.model!r}")
-        saved, mine = _comparable(old.get("base", {})), _comparable(spec.base)
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        saved, mine = old.get("base", {}), spec.base
+        diff = _settings_diff(saved, mine)
         if diff:
             shown = ", ".join(f"{k}: {saved.get(k)!r} there, {mine.get(k)!r} here" for k in diff)
             raise ConfigError(f"--reuse {str(source)!r} was run with other fixed options ({shown})")
@@ -422,11 +435,8 @@ class _Executor:
         self.reused = load_reused(out)
 
     def status(self, key: RunKey) -> str:
-        status = run_status(key.path(self.out))
-        reused = self.reused.get(key.row_key)
-        if status in ("missing", "partial") and reused is not None:
-            return reused["status"]
-        return status
+        carried = carried_run(key, self.out, self.reused)
+        return carried["status"] if carried is not None else run_status(key.path(self.out))
 
     def budget_left(self) -> bool:
         return self.max_runs is None or self.progress.trained < self.max_runs
@@ -517,22 +527,19 @@ def _all_keys(spec: GridSpec) -> list[RunKey]:
     return [RunKey(t, v, r, lr, s) for t, v, r in groups(spec) for lr in spec.lrs for s in spec.seeds]
 
 
-def _mean_loss(path: Path, last: int = 10) -> float | None:
+def _losses(path: Path, last: int = 10) -> tuple[float | None, list[list[float]] | None]:
+    """From one read of a run's metrics log: the mean loss of the last ``last`` steps, and the loss curve
+    ``[[step, loss], ...]`` (finite losses, 5 significant digits), kept in results.json so a run carried to
+    another machine with ``--reuse`` keeps its learning curve. ``(None, None)`` without a log."""
     log = path / "metrics.jsonl"
     if not log.is_file():
-        return None
-    losses = [r["loss"] for r in _read_jsonl(log) if r.get("event") == "step"]
-    return sum(losses[-last:]) / len(losses[-last:]) if losses else None
-
-
-def _loss_curve(path: Path) -> list[list[float]] | None:
-    """``[[step, loss], ...]`` of a run's metrics log (5 significant digits), kept in results.json so a run
-    carried to another machine with ``--reuse`` keeps its learning curve."""
-    log = path / "metrics.jsonl"
-    if not log.is_file():
-        return None
-    return [[r["step"], float(f"{r['loss']:.5g}")] for r in _read_jsonl(log)
-            if r.get("event") == "step" and isinstance(r.get("loss"), int | float) and math.isfinite(r["loss"])]
+        return None, None
+    steps = [r for r in _read_jsonl(log) if r.get("event") == "step"]
+    losses = [r["loss"] for r in steps]
+    final = sum(losses[-last:]) / len(losses[-last:]) if losses else None
+    curve = [[r["step"], float(f"{r['loss']:.5g}")] for r in steps
+             if isinstance(r.get("loss"), int | float) and math.isfinite(r["loss"])]
+    return final, curve
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -552,11 +559,12 @@ def collect_runs(spec: GridSpec, out: str | Path) -> list[dict[str, Any]]:
     rows = []
     for key in _all_keys(spec):
         path = key.path(out)
+        carried = carried_run(key, out, reused)
+        if carried is not None:
+            rows.append(dict(carried))
+            continue
         status = run_status(path)
         if status not in ("done", "failed"):
-            carried = reused.get(key.row_key)
-            if carried is not None:
-                rows.append(dict(carried))
             continue
         row: dict[str, Any] = {"task": key.task, "method": key.variant.label, "base_method": key.variant.method,
                                "r": key.r, "lr": key.lr, "seed": key.seed, "status": status,
@@ -569,10 +577,10 @@ def collect_runs(spec: GridSpec, out: str | Path) -> list[dict[str, Any]]:
                     row[f"{'val' if split == 'validation' else 'test'}_{name}"] = value
             for name, value in before.get("test", {}).items():
                 row[f"before_test_{name}"] = value
+            final_loss, curve = _losses(path)
             row.update(steps=summary["config"]["steps"], switch_step=summary.get("switch_step"),
                        trainable_parameters=summary["model"]["trainable_parameters"],
-                       final_train_loss=_mean_loss(path), wall_time_s=summary.get("wall_time_s"),
-                       loss_curve=_loss_curve(path))
+                       final_train_loss=final_loss, wall_time_s=summary.get("wall_time_s"), loss_curve=curve)
         else:
             row["error"] = json.loads((path / FAILED_FILE).read_text(encoding="utf-8")).get("error")
         rows.append(row)
@@ -979,9 +987,7 @@ def main_from_args(args: Any) -> int:
         keys = tuning_keys(spec) or [RunKey(t, v, r, spec.lrs[0], s) for t, v, r in groups(spec) for s in spec.seeds]
         for key in keys:
             make_config(spec, key, out)
-            status = run_status(key.path(out))
-            if status in ("missing", "partial") and key.row_key in reused:
-                status = "reused"
+            status = "reused" if carried_run(key, out, reused) is not None else run_status(key.path(out))
             print(f"{status:<8} {key.describe()}")
         if len(spec.lrs) > 1:
             rest = len(groups(spec)) * (len(spec.seeds) - len(spec.tuning_seeds))
