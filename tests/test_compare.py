@@ -317,3 +317,28 @@ def test_reuse_from_the_command_line(tmp_path, assets, capsys):
     assert "grid: 0 trained (0 failed), 8 already there" in capsys.readouterr().out
     assert main(compare_args(assets, tmp_path / "third", "--reuse", str(tmp_path / "nope.json"))) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_reuse_refuses_a_label_whose_meaning_changed(tmp_path):
+    """Before 0.2 a bare `init` ran the pre-launch estimator; now it means the gradient probe. A results.json
+    from then must not be carried into a grid that asks for `init` today: each row's settings are checked."""
+    from lora_tsd.compare import reuse_results
+
+    then = spec(methods=[MethodVariant.parse("init:init_estimator=prelaunch")], seeds=[0], lrs=[1e-2],
+                tune_seeds=None, base={"steps": 4})
+    run_grid(then, tmp_path / "then", train=FakeTrainer(), say=lambda _: None)
+    data = write_outputs(then, tmp_path / "then", plots=False, say=lambda _: None)
+    (row,) = data["runs"]
+    assert row["config"]["init_estimator"] == "prelaunch"  # each row records what it ran with
+    data["runs"][0]["method"], data["spec"]["methods"] = "init", ["init"]  # labelled as 0.1 labelled it
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    now = spec(methods=[MethodVariant.parse("init")], seeds=[0], lrs=[1e-2], tune_seeds=None, base={"steps": 4})
+    with pytest.raises(ConfigError, match=r"init r=2 lr=0.01 seed=0 was trained with other settings than this "
+                                          r"grid gives it \(init_estimator: 'prelaunch' there, 'gradient' here\)"):
+        reuse_results(now, tmp_path / "a", [tmp_path / "old.json"])
+    del data["runs"][0]["config"]
+    (tmp_path / "older.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="records no settings"):
+        reuse_results(now, tmp_path / "b", [tmp_path / "older.json"])
+    # under its explicit label the same run carries
+    assert reuse_results(then, tmp_path / "c", [tmp_path / "then" / "results.json"]) == (1, 0)

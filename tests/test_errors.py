@@ -19,7 +19,10 @@ import lora_tsd
         (dict(method="dash", selector="largest"), "unknown selector 'largest'"),
         (dict(method="dash", dash_directions=0), "needs dash_directions ≥ 1"),
         (dict(method="dash", dash_directions=-3), r"dash_directions \(s\) must be an integer ≥ 0"),
-        (dict(method="init", prelaunch_steps=0), "prelaunch_steps must be ≥ 1"),
+        (dict(method="init", init_estimator="prelaunch", prelaunch_steps=0), "prelaunch_steps must be ≥ 1"),
+        (dict(method="init", init_estimator="gradient", prelaunch_steps=5), "prelaunch_steps=5 would never run"),
+        (dict(method="tsd", init_estimator="gradient", selector="top"), "selector 'top' ranks by σ"),
+        (dict(method="pissa", init_estimator="gradient"), "selector 'top' ranks by σ"),
         (dict(method="init", r=4, init_directions=5), r"init_directions must be an integer in \[1, r=4\]"),
         (dict(method="lora", init_estimator="gradient"), "applies to init-style methods"),
         (dict(method="tsd", dash_placement="middle"), "unknown dash_placement 'middle'"),
@@ -31,6 +34,26 @@ import lora_tsd
 def test_config_errors(kwargs, message):
     with pytest.raises(lora_tsd.ConfigError, match=message):
         lora_tsd.TSDConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, estimator, t",
+    [
+        (dict(method="init"), "gradient", 0),  # the default since 0.2 (docs/results.md)
+        (dict(method="tsd"), "gradient", 0),
+        (dict(method="tsd", prelaunch_steps=0), "gradient", 0),
+        (dict(method="init", prelaunch_steps=20), "prelaunch", 20),  # a pre-launch asked for: the paper's estimator
+        (dict(method="init", init_estimator="prelaunch"), "prelaunch", 100),
+        (dict(method="init", selector="random"), "prelaunch", 0),  # no ranking, so no estimator: switch at attach
+        (dict(method="pissa"), "prelaunch", 0),
+        (dict(method="dash"), "prelaunch", 100),
+        (dict(method="lora"), "prelaunch", 0),
+    ],
+)
+def test_estimator_and_prelaunch_defaults(kwargs, estimator, t):
+    config = lora_tsd.TSDConfig(**kwargs)
+    assert (config.init_estimator, config.prelaunch_steps) == (estimator, t)
+    assert lora_tsd.TSDConfig.from_dict(config.to_dict()) == config  # the resolved values round-trip
 
 
 def test_unknown_config_key():

@@ -185,7 +185,7 @@ def test_gradient_probe_ranks_by_the_full_weight_gradient():
     model = MODEL_FACTORIES[kind]()
     ids0 = token_batch(0)
     pretrained = logits(model, ids0)
-    lora_tsd.attach(model, config_for("init", kind, init_estimator="gradient"))
+    lora_tsd.attach(model, config_for("init", kind, init_estimator="gradient", prelaunch_steps=0))
     grads = lora_tsd.gradient_probe(model, batches, lambda m, ids: m(ids, labels=ids).loss)
     for name, layer in lora_tsd.adapted_layers(model):
         G_ref = reference.get_submodule(name).weight.grad

@@ -65,3 +65,32 @@ def test_svd_cache_defaults_to_cpu_runs_only_and_obeys_an_explicit_choice():
     assert use_svd_cache(None, cpu) is True
     assert use_svd_cache(None, cuda) is False  # recomputing with the checked gesvda is faster on a GPU
     assert use_svd_cache(True, cuda) is True and use_svd_cache(False, cpu) is False
+
+
+def test_trainer_probes_the_gradient_estimator_before_the_first_step(tmp_path):
+    """LoRA-Init's default estimator through a stock Trainer: probed in on_train_begin, switched at step 0."""
+    config = lora_tsd.TSDConfig(method="init", r=4, target_modules=TARGETS["llama"])
+    assert config.init_estimator == "gradient" and config.prelaunch_steps == 0
+    model = lora_tsd.attach(tiny_llama(), config)
+    base = {name: layer.weight.detach().clone() for name, layer in lora_tsd.adapted_layers(model)}
+    recorder = PhaseRecorder()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+        learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(20),
+                      callbacks=[lora_tsd.TSDCallback(probe_batches=2), recorder])
+    trainer.train()
+    assert [p for _, _, p in recorder.seen] == [1, 1, 1]  # switched before the first optimizer step
+    layers = lora_tsd.adapted_layers(model)
+    assert all(layer.init_idx.min() >= 0 for _, layer in layers)
+    assert all(not torch.equal(layer.weight, base[name]) for name, layer in layers)  # W_res replaced W
+    state = trainer.optimizer.state  # nothing discarded: A and B trained for every step
+    assert all(int(state[layer.lora_A]["step"]) == 3 for _, layer in layers)
+
+
+def test_trainer_callback_refuses_a_bad_probe_size():
+    import pytest
+
+    with pytest.raises(lora_tsd.ConfigError, match="probe_batches must be a positive integer"):
+        lora_tsd.TSDCallback(probe_batches=0)

@@ -9,7 +9,7 @@ Quick use::
     lora_tsd.export_peft(model, "out/peft")  # a plain LoRA adapter for PEFT / vLLM
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .adapter_io import load_adapter, read_adapter_config, save_adapter  # noqa: E402
 from .config import METHODS, TSDConfig  # noqa: E402

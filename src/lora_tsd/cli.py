@@ -28,11 +28,14 @@ TRAIN_HELP: dict[str, str] = {
     "alpha": "LoRA alpha (default 2·r); the update is scaled by alpha/r",
     "dropout": "dropout on the adapter input",
     "target_modules": "module-name suffixes to adapt (default: per model type), or one regex",
-    "prelaunch_steps": "t: optimizer steps of plain LoRA before the switch (default 100; 0 for top/bottom/random)",
+    "prelaunch_steps": "t: optimizer steps of plain LoRA before the switch (default 100 for dash and for init/tsd "
+                       "with --init-estimator prelaunch; 0 for the gradient estimator and top/bottom/random)",
     "dash_directions": "s: directions with a trainable dash coefficient",
     "init_directions": "directions moved into A, B by LoRA-Init (default r)",
     "selector": "direction selector: tsd, top, bottom, random (default: the method's)",
-    "init_estimator": "prelaunch (t steps of LoRA) or gradient (accumulated full-weight gradient)",
+    "init_estimator": "how init/tsd rank their directions: gradient (full-weight gradient of --probe-batches "
+                      "batches, switch before training; the default) or prelaunch (change rate of t steps of "
+                      "LoRA, the paper's; the default when --prelaunch-steps is given)",
     "dash_placement": "LoRA-TSD: dash on the shared top-s (shared) or the next s directions (next)",
     "steps": "optimizer steps",
     "batch_size": "examples per micro-batch",
@@ -50,7 +53,7 @@ TRAIN_HELP: dict[str, str] = {
     "eval_every": "evaluate on the validation split every N optimizer steps (0: only at the end)",
     "eval_batch_size": "sequences per evaluation batch",
     "checkpoint_every": "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 are kept)",
-    "probe_batches": "micro-batches of the gradient probe (--init-estimator gradient: init/tsd switch before "
+    "probe_batches": "micro-batches of the gradient probe (init/tsd with the gradient estimator switch before "
                      "training, ranking by the accumulated full-weight gradient)",
     "skip_nonfinite": "skip optimizer steps whose loss or gradient is NaN/inf (counted in the log) instead of stopping",
     "progress": "show a progress bar",

@@ -327,14 +327,18 @@ def _settings_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
 
 
-def _check_settings(path: Path, cfg: Any) -> None:
-    """A finished run made with other settings than the grid asks for is an error, never silently reused."""
+def _as_saved(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved settings, with options added to TrainConfig since then at their default (what it ran with)."""
     from .train import TrainConfig
 
-    summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    # Options added to TrainConfig after the run was made take their default (the behaviour it ran with).
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    saved, wanted = {**defaults, **summary.get("config", {})}, cfg.to_dict()
+    return {**defaults, **config}
+
+
+def _check_settings(path: Path, cfg: Any) -> None:
+    """A finished run made with other settings than the grid asks for is an error, never silently reused."""
+    summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    saved, wanted = _as_saved(summary.get("config", {})), cfg.to_dict()
     diff = _settings_diff(saved, wanted)
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in diff[:5])
@@ -365,11 +369,13 @@ def reuse_results(spec: GridSpec, out: str | Path, sources: Sequence[str | Path]
     """Carry the finished and failed runs of earlier ``results.json`` files into ``<out>/reused.json``.
 
     A source must come from a grid on the same model with the same fixed options (neutral fields aside), or it
-    is refused; its runs that are not part of this grid are ignored. A run found in two sources with different
-    results is an error. Returns ``(runs carried, runs of the sources outside this grid)``.
+    is refused; its runs that are not part of this grid are ignored. Each carried run's recorded settings
+    (``config``) must be the ones this grid would train it with, so a label whose meaning changed (a new
+    default, say) is refused rather than carried. A run found in two sources with different results is an
+    error. Returns ``(runs carried, runs of the sources outside this grid)``.
     """
     out = Path(out)
-    wanted = {k.row_key for k in _all_keys(spec)}
+    wanted = {k.row_key: k for k in _all_keys(spec)}
     reused = load_reused(out)
     carried = outside = 0
     for source in map(Path, sources):
@@ -395,6 +401,7 @@ def reuse_results(spec: GridSpec, out: str | Path, sources: Sequence[str | Path]
             if key not in wanted:
                 outside += 1
                 continue
+            _check_carried_settings(source, row, make_config(spec, wanted[key], out))
             row = {**row, "reused_from": row.get("reused_from") or str(source)}
             known = reused.get(key)
             if known is not None:
@@ -407,6 +414,19 @@ def reuse_results(spec: GridSpec, out: str | Path, sources: Sequence[str | Path]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / REUSED_FILE, _clean({"runs": list(reused.values())}))
     return carried, outside
+
+
+def _check_carried_settings(source: Path, row: dict[str, Any], cfg: Any) -> None:
+    run = f"{row['task']} {row['method']} r={row['r']} lr={_lr_text(float(row['lr']))} seed={row['seed']}"
+    if not isinstance(row.get("config"), dict):
+        raise ConfigError(f"--reuse {str(source)!r}: the run {run} records no settings (a results.json from before "
+                          "lora-tsd 0.2), so what it ran with cannot be checked")
+    saved, wanted = _as_saved(row["config"]), cfg.to_dict()
+    diff = _settings_diff(saved, wanted)
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in diff[:5])
+        raise ConfigError(f"--reuse {str(source)!r}: the run {run} was trained with other settings than this grid "
+                          f"gives it ({shown}); name the option in the method (e.g. init:init_estimator=prelaunch)")
 
 
 def _comparable_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -580,9 +600,15 @@ def collect_runs(spec: GridSpec, out: str | Path) -> list[dict[str, Any]]:
             final_loss, curve = _losses(path)
             row.update(steps=summary["config"]["steps"], switch_step=summary.get("switch_step"),
                        trainable_parameters=summary["model"]["trainable_parameters"],
-                       final_train_loss=final_loss, wall_time_s=summary.get("wall_time_s"), loss_curve=curve)
+                       final_train_loss=final_loss, wall_time_s=summary.get("wall_time_s"), loss_curve=curve,
+                       config=_comparable(summary["config"]))
         else:
             row["error"] = json.loads((path / FAILED_FILE).read_text(encoding="utf-8")).get("error")
+            from .train import RUN_MARKER
+
+            marker = path / RUN_MARKER
+            if marker.is_file():
+                row["config"] = _comparable(json.loads(marker.read_text(encoding="utf-8")))
         rows.append(row)
     return rows
 
@@ -684,7 +710,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path, chosen: dict[tuple[str, st
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in first and k not in keys
-                 and k not in ("run_dir", "error", "reused_from", "loss_curve")]  # the curve stays in results.json
+                 and k not in ("run_dir", "error", "reused_from", "loss_curve", "config")]  # both stay in results.json
     metric_keys = sorted(k for k in keys if k.startswith(("val_", "test_", "before_test_")))
     rest = [k for k in keys if k not in metric_keys]
     header = first + metric_keys + rest + ["run_dir", "error"] + (

@@ -58,7 +58,7 @@ class TrainConfig(DictConfig):
     dash_directions: int = 8
     init_directions: int | None = None
     selector: str | None = None
-    init_estimator: str = "prelaunch"
+    init_estimator: str | None = None  # resolved by TSDConfig: gradient for init/tsd unless a pre-launch is set
     dash_placement: str = "shared"
     # optimization
     steps: int = 250
@@ -96,7 +96,9 @@ class TrainConfig(DictConfig):
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         check_method(self.method)
-        self.tsd_config()  # validates the method fields now, before anything is loaded
+        # Validates the method fields now, before anything is loaded, and records the estimator the run will
+        # use: a saved config then says what ran, whatever a later version's default is.
+        self.init_estimator = self.tsd_config().init_estimator
         if self.fsdp and self.method in EXTERNAL_METHODS:
             raise ConfigError(f"--fsdp supports the lora-tsd methods; run the external {self.method} baseline "
                               "with DDP")
