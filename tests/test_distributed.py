@@ -74,12 +74,14 @@ def _switch_worker_single(tmp_path) -> None:
     save_file(state, str(tmp_path / "single.safetensors"))
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "torchrun-fsdp2"])
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "torchrun-fsdp2", "torchrun-gradient"])
 def test_ddp_training_matches_single_process(tmp_path, launcher):
     model = make_encoder(tmp_path / "enc", dropout=0.0)  # no RNG in the forward: runs must agree exactly
     task = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(100))
+    # -gradient: the default estimator, probed on each rank's share of the probe batches, summed over ranks
+    estimator = ["--probe-batches", "4"] if launcher.endswith("gradient") else ["--prelaunch-steps", "3"]
     args = ["train", "--model", str(model), "--task", f"jsonl:{task}", "--no-progress", "--method", "tsd",
-            "--rank", "4", "--dash-directions", "2", "--prelaunch-steps", "3", "--steps", "6", "--batch-size", "8",
+            "--rank", "4", "--dash-directions", "2", *estimator, "--steps", "6", "--batch-size", "8",
             "--lr", "1e-2", "--dropout", "0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "lora_tsd.cli", *args, "--output-dir", str(tmp_path / "one")],
@@ -104,7 +106,9 @@ def test_ddp_training_matches_single_process(tmp_path, launcher):
             assert torch.equal(a[key], b[key]), key
         else:
             assert (a[key].double() - b[key].double()).abs().max() <= 1e-6, key
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    assert summary["switch_step"] == (0 if launcher.endswith("gradient") else 3)
 
 
 def test_fsdp2_kill_and_resume_is_bit_identical(tmp_path):

@@ -51,8 +51,9 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     if not config.spec.has_switch or first.is_switched:
         return False
     if config.init_estimator == "gradient":
-        raise ConfigError("init_estimator='gradient' switches before training: call "
-                          "lora_tsd.gradient_probe(model, batches, loss_fn, optimizer) before the first step")
+        raise ConfigError("init_estimator='gradient' (the default of init/tsd since lora-tsd 0.2) switches before "
+                          "training: call lora_tsd.gradient_probe(model, batches, loss_fn, optimizer) before the "
+                          "first step, or give the config prelaunch_steps=t for the paper's pre-launch")
     if int(first.step) < config.prelaunch_steps:
         return False
     switch(model, optimizer, svd_cache=svd_cache)
