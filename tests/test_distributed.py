@@ -111,14 +111,16 @@ def test_ddp_training_matches_single_process(tmp_path, launcher):
     assert summary["switch_step"] == (0 if launcher.endswith("gradient") else 3)
 
 
-def test_fsdp2_kill_and_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("every, kill, resumes_from", [(2, 6, 4), (1, 4, 3)])
+def test_fsdp2_kill_and_resume_is_bit_identical(tmp_path, every, kill, resumes_from):
     """FSDP2 checkpoints gather the sharded adapter and optimizer state and every rank's RNG state: a 2-process
-    run killed after its switch and resumed with --resume ends bit-identical to one that was never killed."""
+    run killed after its switch and resumed with --resume ends bit-identical to one that was never killed; also
+    from the switch step's own checkpoint, where A and B have no optimizer state yet."""
     model = make_encoder(tmp_path / "enc", dropout=0.1)  # dropout: each rank's own RNG stream must be restored
     task = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(100))
     args = ["train", "--model", str(model), "--task", f"jsonl:{task}", "--no-progress", "--method", "tsd",
             "--rank", "4", "--dash-directions", "2", "--prelaunch-steps", "3", "--steps", "7", "--batch-size", "8",
-            "--lr", "1e-2", "--dropout", "0.1", "--fsdp", "--checkpoint-every", "2"]
+            "--lr", "1e-2", "--dropout", "0.1", "--fsdp", "--checkpoint-every", str(every)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LORA_TSD_FAULT", None)
 
@@ -130,13 +132,13 @@ def test_fsdp2_kill_and_resume_is_bit_identical(tmp_path):
 
     reference = launch("reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    killed = launch("killed", fault="step:6")  # checkpoints at steps 2 and 4 exist; the switch was at 3
+    killed = launch("killed", fault=f"step:{kill}")  # the switch is at step 3
     assert killed.returncode != 0
     assert not (tmp_path / "killed" / "summary.json").exists()
-    assert (tmp_path / "killed" / "checkpoints" / "step-0000004").is_dir()
+    assert (tmp_path / "killed" / "checkpoints" / f"step-{resumes_from:07d}").is_dir()
     resumed = launch("killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout
+    assert f"from step-{resumes_from:07d}" in resumed.stdout
     a = load_file(str(tmp_path / "reference" / "adapter" / "tsd_adapter.safetensors"))
     b = load_file(str(tmp_path / "killed" / "adapter" / "tsd_adapter.safetensors"))
     assert a.keys() == b.keys()

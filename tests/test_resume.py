@@ -54,8 +54,10 @@ def tensors(run):
 
 
 RNG = random.Random()  # random kill points; the chosen step is part of the test id printed on failure
-KILLS = [("step", RNG.randint(2, T)), ("step", RNG.randint(T + 2, STEPS)),
-         ("checkpoint-write", RNG.randint(2, STEPS - 1))]
+# Always: killed right after the switch (the newest checkpoint is the switch step's, where A and B have no
+# optimizer state yet), and during the write of the checkpoint after it. Plus random points before and after.
+KILLS = [("step", T + 1), ("checkpoint-write", T + 1), ("step", RNG.randint(2, T)),
+         ("step", RNG.randint(T + 2, STEPS)), ("checkpoint-write", RNG.randint(2, STEPS - 1))]
 
 
 @pytest.mark.parametrize("point, step", KILLS, ids=[f"{p}-{s}" for p, s in KILLS])

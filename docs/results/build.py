@@ -178,6 +178,7 @@ def headline_statements(results: dict) -> list[str]:
 def headline_table() -> list[str]:
     """Test accuracy per method and task over every headline grid, with the paired difference to LoRA."""
     cells: dict[tuple[tuple[str, int], str], str] = {}
+    diffs: dict[tuple[tuple[str, int], str], dict] = {}  # the paired entries behind the cells' intervals
     columns: list[tuple[str, int]] = []
     methods: list[str] = []
     commands = []
@@ -197,6 +198,7 @@ def headline_table() -> list[str]:
             p = paired.get((*column, method))
             if p is not None and p["n"] >= 2 and p["ci_low"] is not None:
                 cell += f"; {pp(p['diff_mean'])} [{pp(p['ci_low'])}, {pp(p['ci_high'])}]"
+                diffs[(column, method)] = p
             cells[(column, method)] = cell
     if not cells:
         return []
@@ -205,16 +207,15 @@ def headline_table() -> list[str]:
     lines = ["| method | " + " | ".join(f"`{t}` r={r}" for t, r in columns) + " |", "|---|" + "---|" * len(columns)]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(cells.get((c, method), "–") for c in columns) + " |")
-    excluding = [(f"{m} on {t} r={r}", c.split("; ", 1)[1].startswith("−")) for ((t, r), m), c in cells.items()
-                 if "[" in c and _excludes_zero(c)]
-    below = [name for name, negative in excluding if negative]
-    above = [name for name, negative in excluding if not negative]
+    below = [f"{m} on {t} r={r}" for ((t, r), m), p in diffs.items() if p["ci_high"] < 0]
+    above = [f"{m} on {t} r={r}" for ((t, r), m), p in diffs.items() if p["ci_low"] > 0]
     verdict = " ".join(
         ([f"Below LoRA beyond the interval: {', '.join(below)}."] if below else [])
         + ([f"Above LoRA beyond the interval: {', '.join(above)}."] if above else [])
         + ([] if above else ["No method beats LoRA beyond its interval."])
         + (["LoRA-Init and LoRA-TSD restart their adapter at the switch (step 100 of 200): see the report."]
-           if any(name.startswith(("init ", "tsd ")) for name in below) else []))
+           if any(name.startswith(("init:init_estimator=prelaunch ", "tsd:init_estimator=prelaunch ", "init ",
+                                   "tsd ")) for name in below) else []))
     swept = [load(n, "results.json") for n in HEADLINE_GRIDS]
     swept = [f"`{t}`: the better of lr {' and '.join(f'{lr:g}' for lr in g['spec']['lrs'])} on validation, per method"
              for g in swept if g and len(g["spec"]["lrs"]) > 1 for t in g["spec"]["tasks"]]
@@ -241,11 +242,6 @@ def collapsed_note() -> list[str]:
     return out
 
 
-def _excludes_zero(cell: str) -> bool:
-    lo, hi = (float(x.replace("−", "-")) for x in cell.split("[", 1)[1].rstrip("]").split(", "))
-    return lo > 0 or hi < 0
-
-
 def write_readme_headline() -> None:
     text = README.read_text()
     if HEADLINE_START not in text or HEADLINE_END not in text:
@@ -262,63 +258,85 @@ ABLATION_FAMILIES = {
     "selector": ("which directions get the dash", "tsd (change-rate ranking)"),
     "dash_directions": ("s, the number of dash directions", "8"),
     "prelaunch_steps": ("t, the pre-launch steps before the switch", "100"),
-    "init_estimator": ("how the init directions are ranked (LoRA-Init, LoRA-TSD)", "prelaunch"),
+    "init_estimator": ("how LoRA-Init / LoRA-TSD rank their init directions: gradient probe at step 0",
+                       "pre-launch"),
     "dash_placement": ("where LoRA-TSD puts its dash", "shared"),
+    "steps": ("the step budget: 300, so 200 steps follow the switch at t = 100", "200 steps"),
 }
 
 
-def variant_differences(grid: str) -> tuple[list[str], list[str], list[str]]:
-    """Each ``method:key=value`` variant of a grid minus its own default method on the same seeds: table rows,
-    the variants whose interval excludes zero, and those with a degenerate (zero-variance) interval."""
+def prelaunch_label(methods: list[str], method: str) -> str | None:
+    """The label under which a grid ran ``method`` with the pre-launch estimator: the explicit
+    ``init:init_estimator=prelaunch`` (lora-tsd ≥ 0.2, where bare ``init`` means the gradient estimator), else the
+    bare name (grids whose fixed ``prelaunch_steps`` ask for the pre-launch, and methods without an estimator)."""
+    explicit = f"{method}:init_estimator=prelaunch"
+    return explicit if explicit in methods else (method if method in methods else None)
+
+
+def variant_differences(grid: str) -> list[dict]:
+    """Each ``method:key=value`` variant of a grid minus its reference (the same method with the grid's pre-launch
+    protocol) on the same seeds: one record per variant and rank, with the paired mean and 95 % interval."""
     from lora_tsd.compare import confidence_interval
 
     results = load(grid, "results.json")
     if results is None:
-        return [], [], []
+        return []
     task = results["spec"]["tasks"][0]
     acc = {(r["method"], r["r"], r["seed"]): r["test_accuracy"] for r in results["runs"] if r["status"] == "done"}
-    rows, moved, degenerate = [], [], []
-    for variant in (m for m in results["spec"]["methods"] if ":" in m):
-        base, change = variant.split(":", 1)
-        family = next((f for f in ABLATION_FAMILIES if f in change), None)
+    out = []
+    methods = results["spec"]["methods"]
+    for variant in (m for m in methods if ":" in m):
+        method, change = variant.split(":", 1)
+        base = prelaunch_label(methods, method)
+        if base is None or base == variant:
+            continue
+        family = next((f for f in ABLATION_FAMILIES if f in change.replace("init_estimator=prelaunch", "")), None)
         for r in results["spec"]["ranks"]:
             seeds = sorted(s for (m, rank, s) in acc if m == variant and rank == r and (base, r, s) in acc)
             diffs = [acc[(variant, r, s)] - acc[(base, r, s)] for s in seeds]
             if not diffs:
                 continue
             mean, low, high = confidence_interval(diffs)
-            ci = f"[{pp(low)}, {pp(high)}]" if len(diffs) >= 2 else "(one seed: no interval)"
-            what, default = ABLATION_FAMILIES.get(family, ("", ""))
-            rows.append(f"| `{variant}` | `{task}` r = {r} | {what}; default: {default} | {len(diffs)} | "
-                        f"{pp(mean)} {ci} |")
-            if len(diffs) >= 2 and len(set(diffs)) == 1:
-                degenerate.append(f"`{variant}`")
-            elif len(diffs) >= 2 and (low > 0 or high < 0):
-                moved.append(f"`{variant}` on `{task}` r = {r} ({pp(mean)} pp)")
-    return rows, moved, degenerate
+            interval = len(diffs) >= 2 and len(set(diffs)) > 1  # one seed, or zero variance: no interval
+            out.append({"variant": variant, "base": base, "task": task, "r": r, "family": family, "n": len(diffs),
+                        "mean": mean, "low": low if interval else None, "high": high if interval else None,
+                        "degenerate": len(diffs) >= 2 and len(set(diffs)) == 1})
+    return out
+
+
+def _beyond(d: dict, sign: int) -> bool:
+    """Whether the interval of a variant record lies wholly above (sign 1) or below (sign −1) zero."""
+    return d["low"] is not None and (d["low"] > 0 if sign > 0 else d["high"] < 0)
 
 
 def defaults_section() -> list[str]:
-    """Each variant (ablation grid, and the estimator rows of the task grids) against its own default method."""
-    rows, moved, degenerate = [], [], []
-    for grid in ("minilm-ablations", "minilm-multiemo4", "minilm-hyperbaton"):
-        r, m, d = variant_differences(grid)
-        rows, moved, degenerate = rows + r, moved + m, degenerate + d
-    if not rows:
+    """Each variant (ablation grid, and the estimator and step-budget rows of the task grids) against its reference."""
+    records = [d for grid in ("minilm-ablations", "minilm-multiemo", "minilm-multiemo4", "minilm-hyperbaton")
+               for d in variant_differences(grid)]
+    if not records:
         return []
-    verdict = ("Variants whose interval excludes zero against their default: " + ", ".join(moved) + "." if moved else
-               "**No variant differs from its default beyond its interval**, so the numbers give no reason to change "
-               "a library default, and no default was changed (nor do they show the defaults are best: the "
-               "intervals are wide).")
+    rows = []
+    for d in records:
+        what, default = ABLATION_FAMILIES.get(d["family"], ("", ""))
+        ci = (f"[{pp(d['low'])}, {pp(d['high'])}]" if d["low"] is not None else
+              "(one seed: no interval)" if d["n"] == 1 else "(zero variance: no interval)")
+        rows.append(f"| `{d['variant']}` | `{d['base']}` | `{d['task']}` r = {d['r']} | {what} (reference: "
+                    f"{default}) | {d['n']} | {pp(d['mean'])} {ci} |")
+    moved = [f"`{d['variant']}` on `{d['task']}` r = {d['r']} ({pp(d['mean'])} pp)" for d in records
+             if _beyond(d, 1) or _beyond(d, -1)]
+    degenerate = sorted({f"`{d['variant']}`" for d in records if d["degenerate"]})
+    verdict = ("Variants whose interval excludes zero against their reference: " + ", ".join(moved) + "." if moved else
+               "**No variant differs from its reference beyond its interval**.")
     if degenerate:
         verdict += (" Degenerate intervals (every seed gave the same difference, so the sample variance is 0, which "
                     "is not evidence): " + ", ".join(degenerate) + ".")
     return ["### Ablations against the library defaults", "",
-            "Each variant minus its own default method (`dash`, `init` or `tsd` of the same grid) on the same seed, "
-            "test accuracy in points, mean [95 % Student-t CI over seeds] (`lora_tsd.compare.confidence_interval`); "
-            "the ablation grid above, and the gradient-estimator rows of the 4-class and hyperbaton grids.",
-            "", "| variant | task | what it changes | seeds | difference to the default |", "|---|---|---|---|---|",
-            *rows, "", verdict, "", DEFAULTS_DECISION, ""]
+            "Each variant minus its reference, the same method with the pre-launch protocol of the grid (`dash`, "
+            "`init:init_estimator=prelaunch` or `tsd:init_estimator=prelaunch`), on the same seed: test accuracy "
+            "in points, mean [95 % Student-t CI over seeds] (`lora_tsd.compare.confidence_interval`); the ablation "
+            "grid above, and the estimator and step-budget rows of the task grids.",
+            "", "| variant | reference | task | what it changes | seeds | difference to the reference |",
+            "|---|---|---|---|---|---|", *rows, "", verdict, "", *defaults_decision(records), ""]
 
 
 def spectrum_command(report: dict, folder: str, flag: str = "") -> str:
@@ -432,8 +450,9 @@ def init_start_section() -> list[str]:
     gaps = []
     for name in ("minilm-multiemo", "minilm-multiemo4", "minilm-hyperbaton"):
         grid = load(name, "results.json")
+        label = prelaunch_label((grid or {}).get("spec", {}).get("methods", []), "init")
         for p in (grid or {}).get("paired", []):
-            if p["method"] == "init" and p["n"] >= 2 and p["ci_low"] is not None:
+            if p["method"] == label and p["n"] >= 2 and p["ci_low"] is not None:
                 gaps.append(f"`{p['task']}` r = {p['r']}: {pp(p['diff_mean'])} [{pp(p['ci_low'])}, "
                             f"{pp(p['ci_high'])}] (n = {p['n']})")
     return ["### Where LoRA-Init starts", "", "```bash", spectrum_command(report, "spectrum-init"), "```", "",
@@ -443,8 +462,8 @@ def init_start_section() -> list[str]:
             "that LoRA starts from in the same layer: " + "; ".join(parts) + ". The gradient of B is proportional "
             "to A and that of A to B, so a ratio far below 1 starts LoRA-Init close to the saddle point B = A = 0, "
             "where the update grows slowly. This is a measured difference between the two starts, not a proof of "
-            "what causes the differences that follow. LoRA-Init minus LoRA, paired by seed (test accuracy, points, "
-            "95 % CI): "
+            "what causes the differences that follow. LoRA-Init (pre-launch) minus LoRA, paired by seed (test "
+            "accuracy, points, 95 % CI): "
             + "; ".join(gaps) + ".", ""]
 
 
@@ -595,10 +614,13 @@ def paper_section() -> list[str]:
                 by = {p["method"]: p for p in data["paired"] if p["task"] == task and p["r"] == r}
                 if any(p["n"] for p in by.values()):
                     settings.append((f"{model}, `{task}`, r = {r}", by))
-    for method, name in (("dash", "LoRA-Dash"), ("init", "LoRA-Init"), ("tsd", "LoRA-TSD")):
+    claims = [("dash", "LoRA-Dash"), ("init", "LoRA-Init (pre-launch)"),
+              ("init:init_estimator=gradient", "LoRA-Init (gradient)"), ("tsd", "LoRA-TSD (pre-launch)"),
+              ("tsd:init_estimator=gradient", "LoRA-TSD (gradient)")]
+    for method, name in claims:
         paper = gains if method == "dash" else "no public numbers in method.md"
         for setting, by in settings:
-            p = by.get(method)
+            p = by.get(method if ":" in method else prelaunch_label(list(by), method))
             if p is None or not p["n"]:
                 continue
             here = f"{pp(p['diff_mean'])} pp" + (f" [{pp(p['ci_low'])}, {pp(p['ci_high'])}], n = {p['n']}"
@@ -671,21 +693,40 @@ def paper_section() -> list[str]:
     return lines
 
 
-# What this page concludes about the library defaults (prose; the numbers it rests on are in the table above it).
-DEFAULTS_DECISION = (
-    "What the defaults are, and why: `init_estimator` stays `prelaunch` in this version. The gradient estimator "
-    "avoids the restart that costs LoRA-Init and LoRA-TSD half of a fixed step budget, which is what the rows "
-    "above measure; but it ranks by a different signal, it needs `lora_tsd.gradient_probe` to be called before "
-    "training when the library is used in one's own loop (the command-line workflow calls it itself), and with "
-    "the paper's budgets (t = 100 of thousands of steps) the restart costs little. Where a run's budget is a few "
-    "hundred steps, pass `--init-estimator gradient` (or `TSDConfig(init_estimator=\"gradient\")`).")
+def defaults_decision(records: list[dict]) -> list[str]:
+    """What this page concludes about the library defaults, with the counts read from the variant records."""
+    estimator = [d for d in records if d["variant"] in ("init:init_estimator=gradient", "tsd:init_estimator=gradient")]
+    ahead = sum(d["mean"] > 0 for d in estimator)
+    beyond, behind = sum(_beyond(d, 1) for d in estimator), sum(_beyond(d, -1) for d in estimator)
+    others = [f"`{d['variant']}`" for d in records
+              if d["family"] in ("selector", "dash_directions", "prelaunch_steps", "dash_placement") and _beyond(d, 1)]
+    return [
+        f"What the defaults are, and why: of the {len(estimator)} gradient-estimator rows above (LoRA-Init and "
+        f"LoRA-TSD, every task and rank where both estimators ran), the gradient estimator is ahead of the "
+        f"pre-launch in {ahead}, ahead beyond its interval in {beyond}, and behind beyond its interval in "
+        f"{behind}. From "
+        "lora-tsd 0.2 on, `init` and `tsd` therefore rank by the gradient probe by default "
+        "(`TSDConfig.init_estimator` unset → `gradient`, unless `prelaunch_steps` ≥ 1 asks for a pre-launch): "
+        "under a fixed step budget the pre-launch spends t steps on an adapter that the switch throws away, "
+        "while the probe costs 8 forward/backward passes and no optimizer step. In one's own training loop that "
+        "means calling `lora_tsd.gradient_probe(model, batches, loss_fn)` before the first step (the command "
+        "line and `TSDCallback` do it themselves; `lora_tsd.step` says so if it was forgotten). The paper's "
+        "procedure stays one option away: `init_estimator=\"prelaunch\"` (`--init-estimator prelaunch`, or "
+        "any `--prelaunch-steps`); every earlier run on this page is labelled `init:init_estimator=prelaunch` / "
+        "`tsd:init_estimator=prelaunch`, which is what it ran. The other defaults (s = 8, t = 100, the "
+        "change-rate selector, the shared dash placement) stay: "
+        + (f"variants ahead of them beyond the interval: {', '.join(others)} (see the rows)." if others else
+           "no variant of them is ahead beyond its interval.")]
 
 GRADIENT_NOTE = (
-    "`init:init_estimator=gradient` is LoRA-Init with the gradient probe instead of the pre-launch (method.md §4): "
-    "it ranks the directions by |u_iᵀ G v_i| / σ_i of the full-weight gradient G over the first 8 batches and "
-    "switches at step 0, so its adapter trains for the whole 200 steps, as LoRA's does, where the default LoRA-Init "
-    "restarts at step 100. It separates the two things the default LoRA-Init changes at once: where the adapter "
-    "starts and how many steps it gets.")
+    "`init:init_estimator=prelaunch` is LoRA-Init as the paper describes it (method.md §4) and as this library "
+    "ran it by default before 0.2: t = 100 steps of LoRA, then the switch, the probe adapter discarded, so its "
+    "final adapter trains for the remaining 100 of the 200 steps. `init:init_estimator=gradient` (the default "
+    "from 0.2 on) ranks the directions by |u_iᵀ G v_i| / σ_i of the full-weight gradient G over the first 8 "
+    "batches and switches at step 0, so its adapter trains for all 200 steps, as LoRA's does. "
+    "`init:init_estimator=prelaunch,steps=300` gives the pre-launch protocol 200 steps after its switch (300 in "
+    "all, 1.5× LoRA's steps): it separates where the adapter starts from how many steps it gets. The same holds "
+    "for the `tsd:` rows.")
 
 
 def main() -> None:
@@ -713,8 +754,7 @@ def main() -> None:
         "examples, 200 steps, lr 1e-3 for every method). " + GRADIENT_NOTE)
     lines += grid_section(
         "minilm-tasks", "MiniLM on vitaminc (3-way fact verification), r = 8, {methods} methods",
-        "vitaminc is the only grid with an lr sweep: each method trained seed 0 at lr 1e-3 and 3e-3, the lr with the "
-        "better validation accuracy was kept (ties: the first), and seeds 1 and 2 ran at it.")
+        "Protocol as for 2-class multiemo (lr 1e-3 for every method, not tuned).")
     lines += grid_section(
         "smollm2-grid", "SmolLM2-135M on two commonsense multiple-choice tasks (strategyqa, social_iqa), r = 8, "
         "{methods} methods",
@@ -728,7 +768,8 @@ def main() -> None:
     lines += grid_section(
         "minilm-ablations", "Ablations on MiniLM (multiemo, r = 8): direction selector, s, t, Init estimator, "
         "LoRA-TSD dash placement",
-        "The `lora`, `dash`, `init` and `tsd` runs of this grid are seeds 0 and 1 of the first grid, copied into "
+        "The `lora`, `dash`, `init:init_estimator=prelaunch` and `tsd:init_estimator=prelaunch` runs of this grid "
+        "are seeds 0 and 1 of the first grid, copied into "
         "its folder (same configuration; `compare` skips finished runs), so every variant is paired with the same "
         "LoRA runs. Variants are `method:key=value`: `selector=top/bottom/random` replaces the change-rate ranking "
         "(the pre-launch still runs t = 100 steps, so only the choice of directions differs), `dash_directions` is "

@@ -207,6 +207,25 @@ def find_checkpoint(run_dir: Path, explicit: str | None = None) -> Path | None:
     return None
 
 
+def _forget_stateless(path: Path, optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]],
+                      stateless: set[str]) -> None:
+    """Drop the state torch made up for parameters the checkpoint saved without one.
+
+    ``set_optimizer_state_dict`` first gives every parameter a state by a zero-gradient step (step count 1,
+    zero moments), then overwrites it from the checkpoint; parameters absent there would keep the made-up
+    one, and their next update would use the wrong bias correction. The saved groups list the parameters by
+    name in the optimizer's own order, which identifies them.
+    """
+    from .schedule import reset_optimizer_state
+
+    groups = optimizer.param_groups
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
+        raise AdapterFormatError(f"checkpoint {path}: the optimizer's parameter groups do not fit this run")
+    reset_optimizer_state(optimizer, [param for saved, group in zip(saved_groups, groups, strict=True)
+                                      for name, param in zip(saved["params"], group["params"], strict=True)
+                                      if name in stateless])
+
+
 @dataclass
 class TrainerState:
     step: int
@@ -228,10 +247,17 @@ def load_trainer_state(path: Path, model: nn.Module, optimizer: torch.optim.Opti
     except (OSError, json.JSONDecodeError, ValueError) as err:
         raise AdapterFormatError(f"checkpoint {path} cannot be read: {err}") from None
     try:
-        set_optimizer_state_dict(model, optimizer, _join_optimizer_state(tensors, meta["optimizer"]),
-                                 options=_state_dict_options())
+        state_dict = _join_optimizer_state(tensors, meta["optimizer"])
+        # Parameters the checkpoint lists without a state had none when it was saved: A and B right after the
+        # switch, which resets their state (they get a fresh one at the next step). Loading them as stateless is
+        # the exact state of the run; torch's strict check would refuse it.
+        listed = {name for group in state_dict["param_groups"] for name in group["params"]}
+        stateless = listed - set(state_dict["state"])
+        set_optimizer_state_dict(model, optimizer, state_dict, options=_state_dict_options(strict=not stateless))
     except (ValueError, KeyError, RuntimeError, AssertionError) as err:
         raise AdapterFormatError(f"checkpoint {path}: the optimizer state does not fit this run: {err}") from None
+    if stateless:
+        _forget_stateless(path, optimizer, state_dict["param_groups"], stateless)
     scheduler.load_state_dict(meta["scheduler"])
     _restore_rng(tensors)
     return TrainerState(step=int(meta["step"]), meta=meta)
