@@ -716,7 +716,24 @@ def defaults_decision(records: list[dict]) -> list[str]:
         "`tsd:init_estimator=prelaunch`, which is what it ran. The other defaults (s = 8, t = 100, the "
         "change-rate selector, the shared dash placement) stay: "
         + (f"variants ahead of them beyond the interval: {', '.join(others)} (see the rows)." if others else
-           "no variant of them is ahead beyond its interval.")]
+           "no variant of them is ahead beyond its interval."), "", *equal_budget_statement()]
+
+
+def equal_budget_statement() -> list[str]:
+    """Whether the pre-launch's directions are worse or only its budget shorter: the 300-step rows against LoRA."""
+    parts = []
+    for name in ("minilm-multiemo", "minilm-multiemo4", "minilm-hyperbaton"):
+        grid = load(name, "results.json") or {}
+        for p in grid.get("paired", []):
+            if p["method"].endswith("init_estimator=prelaunch,steps=300") and p["n"] >= 2 and p["ci_low"] is not None:
+                parts.append(f"`{p['method']}` on `{p['task']}` r = {p['r']}: {pp(p['diff_mean'])} "
+                             f"[{pp(p['ci_low'])}, {pp(p['ci_high'])}] (n = {p['n']})")
+    if not parts:
+        return []
+    return ["Are the pre-launch's directions worse, or is only its budget shorter? Given 200 steps after its "
+            "switch, as many as LoRA trains (300 steps in all, 1.5× LoRA's; the pre-launch adapter is still "
+            "thrown away), the pre-launch protocol minus 200-step LoRA, paired by seed (test accuracy, points, "
+            "95 % CI): " + "; ".join(parts) + ".", ""]
 
 GRADIENT_NOTE = (
     "`init:init_estimator=prelaunch` is LoRA-Init as the paper describes it (method.md §4) and as this library "
