@@ -214,8 +214,8 @@ def headline_table() -> list[str]:
         + ([f"Above LoRA beyond the interval: {', '.join(above)}."] if above else [])
         + ([] if above else ["No method beats LoRA beyond its interval."])
         + (["LoRA-Init and LoRA-TSD restart their adapter at the switch (step 100 of 200): see the report."]
-           if any(name.startswith(("init:init_estimator=prelaunch ", "tsd:init_estimator=prelaunch ", "init ",
-                                   "tsd ")) for name in below) else []))
+           if any(name.startswith(("init:init_estimator=prelaunch ", "tsd:init_estimator=prelaunch "))
+                  for name in below) else []))
     swept = [load(n, "results.json") for n in HEADLINE_GRIDS]
     swept = [f"`{t}`: the better of lr {' and '.join(f'{lr:g}' for lr in g['spec']['lrs'])} on validation, per method"
              for g in swept if g and len(g["spec"]["lrs"]) > 1 for t in g["spec"]["tasks"]]
@@ -299,8 +299,7 @@ def variant_differences(grid: str) -> list[dict]:
             mean, low, high = confidence_interval(diffs)
             interval = len(diffs) >= 2 and len(set(diffs)) > 1  # one seed, or zero variance: no interval
             out.append({"variant": variant, "base": base, "task": task, "r": r, "family": family, "n": len(diffs),
-                        "mean": mean, "low": low if interval else None, "high": high if interval else None,
-                        "degenerate": len(diffs) >= 2 and len(set(diffs)) == 1})
+                        "mean": mean, "low": low if interval else None, "high": high if interval else None})
     return out
 
 
@@ -324,7 +323,7 @@ def defaults_section() -> list[str]:
                     f"{default}) | {d['n']} | {pp(d['mean'])} {ci} |")
     moved = [f"`{d['variant']}` on `{d['task']}` r = {d['r']} ({pp(d['mean'])} pp)" for d in records
              if _beyond(d, 1) or _beyond(d, -1)]
-    degenerate = sorted({f"`{d['variant']}`" for d in records if d["degenerate"]})
+    degenerate = sorted({f"`{d['variant']}`" for d in records if d["n"] >= 2 and d["low"] is None})
     verdict = ("Variants whose interval excludes zero against their reference: " + ", ".join(moved) + "." if moved else
                "**No variant differs from its reference beyond its interval**.")
     if degenerate:

@@ -41,7 +41,7 @@ class TSDBackend:
     @property
     def needs_probe(self) -> bool:
         """Whether the method switches before training, on a gradient probe (``init_estimator='gradient'``)."""
-        return self.config.spec.has_init and self.config.init_estimator == "gradient"
+        return self.config.switches_on_probe
 
     def probe(self, model: nn.Module, batches: Any, loss_fn: Any, optimizer: Any) -> None:
         gradient_probe(model, batches, loss_fn, optimizer)

@@ -36,8 +36,8 @@ class TSDCallback(TrainerCallback):
         layers = adapted_layers(model)
         if not layers:
             return control
-        config, first = layers[0][1].config, layers[0][1]
-        if not (config.spec.has_init and config.init_estimator == "gradient") or first.is_switched:
+        first = layers[0][1]
+        if not first.config.switches_on_probe or first.is_switched:
             return control  # pre-launch methods switch in on_step_end; a resumed run is switched already
         if train_dataloader is None:
             raise ConfigError("TSDCallback: the gradient probe needs the Trainer's training dataloader")

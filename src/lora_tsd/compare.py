@@ -335,11 +335,16 @@ def _as_saved(config: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **config}
 
 
+def _run_settings_diff(config: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """A run's recorded settings against the TrainConfig the grid gives it: (saved, wanted, differing names)."""
+    saved, wanted = _as_saved(config), cfg.to_dict()
+    return saved, wanted, _settings_diff(saved, wanted)
+
+
 def _check_settings(path: Path, cfg: Any) -> None:
     """A finished run made with other settings than the grid asks for is an error, never silently reused."""
     summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    saved, wanted = _as_saved(summary.get("config", {})), cfg.to_dict()
-    diff = _settings_diff(saved, wanted)
+    saved, wanted, diff = _run_settings_diff(summary.get("config", {}), cfg)
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in diff[:5])
         raise ConfigError(f"the finished run {path} was trained with other settings ({shown}); use another --out "
@@ -421,8 +426,7 @@ def _check_carried_settings(source: Path, row: dict[str, Any], cfg: Any) -> None
     if not isinstance(row.get("config"), dict):
         raise ConfigError(f"--reuse {str(source)!r}: the run {run} records no settings (a results.json from before "
                           "lora-tsd 0.2), so what it ran with cannot be checked")
-    saved, wanted = _as_saved(row["config"]), cfg.to_dict()
-    diff = _settings_diff(saved, wanted)
+    saved, wanted, diff = _run_settings_diff(row["config"], cfg)
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in diff[:5])
         raise ConfigError(f"--reuse {str(source)!r}: the run {run} was trained with other settings than this grid "
@@ -574,6 +578,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def collect_runs(spec: GridSpec, out: str | Path) -> list[dict[str, Any]]:
     """One record per finished or failed run of the grid, in grid order: its run folder, else a reused run."""
+    from .train import RUN_MARKER
+
     out = Path(out)
     reused = load_reused(out)
     rows = []
@@ -604,8 +610,6 @@ def collect_runs(spec: GridSpec, out: str | Path) -> list[dict[str, Any]]:
                        config=_comparable(summary["config"]))
         else:
             row["error"] = json.loads((path / FAILED_FILE).read_text(encoding="utf-8")).get("error")
-            from .train import RUN_MARKER
-
             marker = path / RUN_MARKER
             if marker.is_file():
                 row["config"] = _comparable(json.loads(marker.read_text(encoding="utf-8")))

@@ -190,6 +190,12 @@ class TSDConfig(DictConfig):
         return METHODS[self.method]
 
     @property
+    def switches_on_probe(self) -> bool:
+        """Whether the switch comes from :func:`lora_tsd.gradient_probe` before training (init-style methods with
+        the gradient estimator; validation refuses the estimator for every other method)."""
+        return self.init_estimator == "gradient"
+
+    @property
     def scaling(self) -> float:
         """The LoRA scale ``alpha / r``."""
         return float(self.alpha) / self.r

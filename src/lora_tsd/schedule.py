@@ -50,7 +50,7 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     first = layers[0][1]
     if not config.spec.has_switch or first.is_switched:
         return False
-    if config.init_estimator == "gradient":
+    if config.switches_on_probe:
         raise ConfigError("init_estimator='gradient' (the default of init/tsd since lora-tsd 0.2) switches before "
                           "training: call lora_tsd.gradient_probe(model, batches, loss_fn, optimizer) before the "
                           "first step, or give the config prelaunch_steps=t for the paper's pre-launch")
