@@ -56,8 +56,10 @@ def tensors(run):
 RNG = random.Random()  # random kill points; the chosen step is part of the test id printed on failure
 # Always: killed right after the switch (the newest checkpoint is the switch step's, where A and B have no
 # optimizer state yet), and during the write of the checkpoint after it. Plus random points before and after.
+# The random write point avoids T + 1 so no two cases share an id or an output folder.
 KILLS = [("step", T + 1), ("checkpoint-write", T + 1), ("step", RNG.randint(2, T)),
-         ("step", RNG.randint(T + 2, STEPS)), ("checkpoint-write", RNG.randint(2, STEPS - 1))]
+         ("step", RNG.randint(T + 2, STEPS)),
+         ("checkpoint-write", RNG.choice([s for s in range(2, STEPS) if s != T + 1]))]
 
 
 @pytest.mark.parametrize("point, step", KILLS, ids=[f"{p}-{s}" for p, s in KILLS])
