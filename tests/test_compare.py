@@ -218,6 +218,40 @@ def test_compare_end_to_end_and_resume(tmp_path, assets, capsys):
     assert "grid: 0 trained (0 failed), 8 already there" in capsys.readouterr().out
 
 
+def test_a_killed_grid_run_continues_from_its_checkpoint(tmp_path, assets, capsys):
+    """With --checkpoint-every, re-invoking a grid whose process was SIGKILLed mid-run resumes that run from its
+    newest checkpoint, and the adapter is bit-identical to the one of a grid that was never interrupted."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from lora_tsd import compare
+
+    def args(out):
+        return ["compare", "--model", str(assets["encoder"]), "--tasks", f"jsonl:{assets['a']}", "--methods",
+                "dash", "--seeds", "0", "--r", "2", "--lr", "1e-2", "--steps", "6", "--prelaunch-steps", "2",
+                "--dash-directions", "2", "--batch-size", "8", "--checkpoint-every", "1", "--no-plots",
+                "--out", str(out)]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_TSD_FAULT": "step:4"}
+    killed = subprocess.run([sys.executable, "-m", "lora_tsd.cli", *args(tmp_path / "killed")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run = tmp_path / "killed" / "runs" / compare._slug(f"jsonl:{assets['a']}") / "dash" / "r2" / "lr0.01" / "seed0"
+    assert not (run / "summary.json").exists() and (run / "checkpoints").is_dir()
+    assert main(args(tmp_path / "killed")) == 0
+    printed = capsys.readouterr().out
+    assert "resume jsonl:" in printed and "from step-" in printed, printed
+    assert main(args(tmp_path / "whole")) == 0
+    whole = tmp_path / "whole" / run.relative_to(tmp_path / "killed")
+    got, want = (load_file(str(p / "adapter" / "tsd_adapter.safetensors")) for p in (run, whole))
+    assert got.keys() == want.keys()
+    assert all(got[k].equal(want[k]) for k in want)
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] is not None
+
+
 def _parse(args):
     from lora_tsd.cli import build_parser
 

@@ -93,7 +93,8 @@ def grid_section(name: str, title: str, notes: str = "") -> list[str]:
     """A grid's command, tables, plots and measured statements; ``notes`` (its protocol) follow when it ran."""
     results = load(name, "results.json")
     if results is None:
-        return [f"## {title.replace(', {methods} methods', '')}", "", "_Not run (see “What is missing”)._", ""]
+        bare = title.replace(", {methods} methods", "").replace(", {ranks}", "")
+        return [f"## {bare}", "", "_Not run (see “What is missing”)._", ""]
     md = (HERE / name / "results.md").read_text()
     tables = md.split("\n## ", 1)[1] if "\n## " in md else ""
     tables = "### " + tables.replace("\n## ", "\n### ")
@@ -102,7 +103,9 @@ def grid_section(name: str, title: str, notes: str = "") -> list[str]:
     wall = sum(r.get("wall_time_s") or 0 for r in runs)
     command = re.sub(r"--out \S*/", "--out ", results["command"])
     count = len(results["spec"]["methods"])
-    title = title.format(methods=count).replace("1 methods", "1 method")
+    ranks = sorted({s["r"] for s in results["summary"]})
+    rank_text = f"r = {ranks[0]}" if len(ranks) == 1 else "r ∈ {" + ", ".join(map(str, ranks)) + "}"
+    title = title.format(methods=count, ranks=rank_text).replace("1 methods", "1 method")
     lines = [f"## {title}", "", "Command (the grid is resumable: re-running it trains only what is missing, then "
              "rewrites the tables):", "", "```bash", command, "```", "",
              f"Raw per-run results: [`results/{name}/results.csv`](results/{name}/results.csv) "
@@ -758,21 +761,21 @@ def main() -> None:
     tail = (HERE / "tail.md").read_text()
     lines = [head.rstrip(), ""]
     lines += grid_section("minilm-multiemo",
-                          "MiniLM on BIG-bench multiemo (2-class sentiment), r ∈ {{2, 8}}, {methods} methods")
+                          "MiniLM on BIG-bench multiemo (2-class sentiment), {ranks}, {methods} methods")
     lines += grid_section(
-        "minilm-multiemo4", "MiniLM on multiemo 4-class (ambivalent / negative / neutral / positive), r = 8, "
+        "minilm-multiemo4", "MiniLM on multiemo 4-class (ambivalent / negative / neutral / positive), {ranks}, "
         "{methods} methods", GRADIENT_NOTE)
     lines += grid_section(
-        "minilm-hyperbaton", "MiniLM on hyperbaton (adjective order, 2-way), r = 8, {methods} methods",
+        "minilm-hyperbaton", "MiniLM on hyperbaton (adjective order, 2-way), {ranks}, {methods} methods",
         "hyperbaton (BIG-bench): which of two phrases puts its adjectives in the right English order (`a` or `b`), "
         "a syntactic task with nothing of sentiment in it; the third MiniLM task because vitaminc (next) is not "
         "learned at this budget. Protocol as above (2,000 training examples, 400 validation and 400 test "
         "examples, 200 steps, lr 1e-3 for every method). " + GRADIENT_NOTE)
     lines += grid_section(
-        "minilm-tasks", "MiniLM on vitaminc (3-way fact verification), r = 8, {methods} methods",
+        "minilm-tasks", "MiniLM on vitaminc (3-way fact verification), {ranks}, {methods} methods",
         "Protocol as for 2-class multiemo (lr 1e-3 for every method, not tuned).")
     lines += grid_section(
-        "smollm2-grid", "SmolLM2-135M on two commonsense multiple-choice tasks (strategyqa, social_iqa), r = 8, "
+        "smollm2-grid", "SmolLM2-135M on two commonsense multiple-choice tasks (strategyqa, social_iqa), {ranks}, "
         "{methods} methods",
         "SmolLM2 protocol: the q, k, v, up and down projections of the 30 decoder layers adapted (150 matrices, "
         "the library's default for LLaMA-type models, as in the paper), answer-only loss, each answer scored by "

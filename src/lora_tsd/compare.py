@@ -6,9 +6,10 @@ Every run is the ``train`` workflow (:func:`lora_tsd.train.run_training`) into::
 
     <out>/runs/<task>/<method>/r<r>/lr<lr>/seed<seed>/
 
-A run folder with ``summary.json`` is finished and is never trained again; one without it (a killed run) is
-restarted from scratch; one with ``failed.json`` (the run raised, e.g. a diverging learning rate) is kept as
-failed unless ``--retry-failed``.
+A run folder with ``summary.json`` is finished and is never trained again; one without it (a killed run)
+continues from its newest good checkpoint when the grid runs with ``--checkpoint-every`` and the folder's
+settings are the grid's, and is restarted from scratch otherwise; one with ``failed.json`` (the run raised,
+e.g. a diverging learning rate) is kept as failed unless ``--retry-failed``.
 
 Tuning (the same budget for every method): each (task, method, r) group trains every ``--lr`` on the
 ``--tune-seeds`` (default: all seeds); the lr with the best mean *validation* metric is chosen, the other
@@ -351,6 +352,24 @@ def _check_settings(path: Path, cfg: Any) -> None:
                           "or delete that run folder")
 
 
+def resumable_checkpoint(path: Path, cfg: Any) -> Path | None:
+    """The checkpoint a killed run continues from: its newest good one, when the grid checkpoints and the folder
+    was started with the settings the grid gives it now (else None: the run restarts from scratch)."""
+    from .checkpoint import find_checkpoint
+    from .train import RUN_MARKER
+
+    marker = path / RUN_MARKER
+    if not cfg.checkpoint_every or not marker.is_file():
+        return None
+    try:
+        started = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if _run_settings_diff(started, cfg)[2]:
+        return None
+    return find_checkpoint(path)
+
+
 def _row_key(row: dict[str, Any]) -> RowKey:
     return (row["task"], row["method"], int(row["r"]), float(row["lr"]), int(row["seed"]))
 
@@ -483,11 +502,18 @@ class _Executor:
         if not self.budget_left() or (index - 1) % self.shard[1] != self.shard[0]:
             self.progress.pending += 1
             return status
-        self.say(f"[{index}/{total}] train {key.describe()}")
+        checkpoint = resumable_checkpoint(path, cfg) if status == "partial" else None
+        if checkpoint is None:
+            self.say(f"[{index}/{total}] train {key.describe()}")
+        else:
+            self.say(f"[{index}/{total}] resume {key.describe()} from {checkpoint.name}")
         (path / FAILED_FILE).unlink(missing_ok=True)
         started = time.time()
         try:
-            self.train(cfg)
+            if checkpoint is None:
+                self.train(cfg)
+            else:
+                self.train(cfg, resume=True)
         except TSDError as err:  # e.g. NonFiniteError at a too-high lr: recorded, the grid goes on
             path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path / FAILED_FILE, {"error": str(err), "type": type(err).__name__})
