@@ -220,7 +220,8 @@ def test_compare_end_to_end_and_resume(tmp_path, assets, capsys):
 
 def test_a_killed_grid_run_continues_from_its_checkpoint(tmp_path, assets, capsys):
     """With --checkpoint-every, re-invoking a grid whose process was SIGKILLed mid-run resumes that run from its
-    newest checkpoint, and the adapter is bit-identical to the one of a grid that was never interrupted."""
+    newest checkpoint, and the adapter is bit-identical to the one of a grid that was never interrupted and
+    never checkpointed (so checkpointing is a neutral option: a grid can add it when it is continued)."""
     import os
     import subprocess
     import sys
@@ -229,11 +230,11 @@ def test_a_killed_grid_run_continues_from_its_checkpoint(tmp_path, assets, capsy
 
     from lora_tsd import compare
 
-    def args(out):
+    def args(out, checkpoint_every=1):
         return ["compare", "--model", str(assets["encoder"]), "--tasks", f"jsonl:{assets['a']}", "--methods",
                 "dash", "--seeds", "0", "--r", "2", "--lr", "1e-2", "--steps", "6", "--prelaunch-steps", "2",
-                "--dash-directions", "2", "--batch-size", "8", "--checkpoint-every", "1", "--no-plots",
-                "--out", str(out)]
+                "--dash-directions", "2", "--batch-size", "8", "--checkpoint-every", str(checkpoint_every),
+                "--no-plots", "--out", str(out)]
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_TSD_FAULT": "step:4"}
     killed = subprocess.run([sys.executable, "-m", "lora_tsd.cli", *args(tmp_path / "killed")], env=env,
@@ -244,12 +245,15 @@ def test_a_killed_grid_run_continues_from_its_checkpoint(tmp_path, assets, capsy
     assert main(args(tmp_path / "killed")) == 0
     printed = capsys.readouterr().out
     assert "resume jsonl:" in printed and "from step-" in printed, printed
-    assert main(args(tmp_path / "whole")) == 0
+    assert main(args(tmp_path / "whole", checkpoint_every=0)) == 0
     whole = tmp_path / "whole" / run.relative_to(tmp_path / "killed")
     got, want = (load_file(str(p / "adapter" / "tsd_adapter.safetensors")) for p in (run, whole))
     assert got.keys() == want.keys()
     assert all(got[k].equal(want[k]) for k in want)
     assert json.loads((run / "summary.json").read_text())["resumed_from"] is not None
+    capsys.readouterr()
+    assert main(args(tmp_path / "killed", checkpoint_every=0)) == 0  # the finished run is the same run
+    assert "0 trained (0 failed), 1 already there" in capsys.readouterr().out
 
 
 def _parse(args):

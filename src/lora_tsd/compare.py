@@ -58,7 +58,8 @@ DEFAULT_METHODS = ("lora", "dash", "init", "tsd", "pissa", "milora", "dora")
 GRID_FIELDS = ("model", "task", "method", "r", "lr", "seed", "output_dir", "overwrite", "progress")
 #: Fields that do not change what a run computes (ignored when checking a finished run's settings).
 #: ``svd_cache`` only decides whether the switch's SVDs are read back or recomputed (the same decomposition).
-NEUTRAL_FIELDS = ("output_dir", "overwrite", "progress", "eval_batch_size", "svd_cache")
+# Options that do not change what a run computes (checkpointing is bit-identical to not checkpointing: tested).
+NEUTRAL_FIELDS = ("output_dir", "overwrite", "progress", "eval_batch_size", "svd_cache", "checkpoint_every")
 FAILED_FILE = "failed.json"
 #: Runs carried over from earlier results.json files (``--reuse``), inside the grid folder.
 REUSED_FILE = "reused.json"
