@@ -93,7 +93,7 @@ class FakeTrainer:
         (out / "metrics.jsonl").write_text("".join(json.dumps({"event": "step", "step": s, "loss": 1 / s})
                                                    + "\n" for s in range(1, 5)))
         atomic_write_json(out / "summary.json", {
-            "config": cfg.to_dict(), "metrics_before": {"test": {"accuracy": 0.5}},
+            "config": cfg.to_dict(), "metrics_before": {"test": {"accuracy": 0.5 + 0.01 * cfg.seed}},
             "metrics_after": {"validation": {"accuracy": val}, "test": {"accuracy": test}},
             "model": {"trainable_parameters": 100}, "switch_step": None, "wall_time_s": 1.0})
 
@@ -128,6 +128,17 @@ def test_sweep_selects_on_validation_and_reports_paired_ci(tmp_path):
     assert len(rows) == 14 and {r["chosen_lr"] for r in rows if r["lr"] == "0.01"} == {"True"}
     # re-invocation trains nothing
     assert run_grid(grid, tmp_path, train=trainer, say=lambda _: None).trained == 0
+
+
+def test_untrained_row_averages_over_seeds_not_methods(tmp_path):
+    """The untrained accuracy depends on the seed (head initialization) only: a method with fewer finished seeds
+    must not pull the row towards its seeds."""
+    grid = spec(lrs=[1e-2], tune_seeds=None)
+    run_grid(grid, tmp_path, train=FakeTrainer(), say=lambda _: None)
+    for seed in (1, 2, 3, 4):  # dash finished seed 0 only
+        next(tmp_path.glob(f"runs/*/dash/r2/lr0.01/seed{seed}/summary.json")).unlink()
+    write_outputs(grid, tmp_path, plots=False, say=lambda _: None)
+    assert "| untrained | 52.0 |" in (tmp_path / "results.md").read_text()  # mean of 50, 51, 52, 53, 54
 
 
 def test_failed_runs_rank_their_lr_last_and_are_not_retried(tmp_path):

@@ -792,10 +792,16 @@ def markdown_report(spec: GridSpec, rows: list[dict[str, Any]], summary: list[di
     if with_avg:
         header.append("mean")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    # The untrained model depends on the seed only (head initialization), so average over seeds, not over
+    # methods: a method with fewer finished seeds must not tilt the row.
     before_cells = []
     for t, r in cols:
-        values = [s["before_test_mean"] for s in summary if s["task"] == t and s["r"] == r and s["before_test_mean"]
-                  is not None]
+        per_seed: dict[int, list[float]] = {}
+        for row in rows:
+            value = row.get(f"before_test_{metric}")
+            if row["task"] == t and row["r"] == r and row["status"] == "done" and value is not None:
+                per_seed.setdefault(row["seed"], []).append(value)
+        values = [sum(v) / len(v) for v in per_seed.values()]
         before_cells.append(_pct(sum(values) / len(values)) if values else "–")
     lines.append("| untrained | " + " | ".join(before_cells) + (" | |" if with_avg else " |"))
     for variant in spec.methods:
