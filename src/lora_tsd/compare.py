@@ -357,16 +357,15 @@ def resumable_checkpoint(path: Path, cfg: Any) -> Path | None:
     """The checkpoint a killed run continues from: its newest good one, when the grid checkpoints and the folder
     was started with the settings the grid gives it now (else None: the run restarts from scratch)."""
     from .checkpoint import find_checkpoint
-    from .train import RUN_MARKER
+    from .train import RUN_MARKER, read_run_config
 
-    marker = path / RUN_MARKER
-    if not cfg.checkpoint_every or not marker.is_file():
+    if not cfg.checkpoint_every or not (path / RUN_MARKER).is_file():
         return None
-    try:
-        started = json.loads(marker.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    try:  # the same reader the resumed run uses, so a folder that passes here resumes
+        started = read_run_config(path)
+    except (ConfigError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if _run_settings_diff(started, cfg)[2]:
+    if _run_settings_diff(started.to_dict(), cfg)[2]:
         return None
     return find_checkpoint(path)
 
@@ -504,17 +503,15 @@ class _Executor:
             self.progress.pending += 1
             return status
         checkpoint = resumable_checkpoint(path, cfg) if status == "partial" else None
-        if checkpoint is None:
-            self.say(f"[{index}/{total}] train {key.describe()}")
-        else:
-            self.say(f"[{index}/{total}] resume {key.describe()} from {checkpoint.name}")
+        # Resume from exactly the checkpoint announced (not a re-search); a fresh run passes cfg alone.
+        resume = {} if checkpoint is None else {"resume": True, "resume_from": str(checkpoint)}
+        action = "train" if checkpoint is None else "resume"
+        where = "" if checkpoint is None else f" from {checkpoint.name}"
+        self.say(f"[{index}/{total}] {action} {key.describe()}{where}")
         (path / FAILED_FILE).unlink(missing_ok=True)
         started = time.time()
         try:
-            if checkpoint is None:
-                self.train(cfg)
-            else:
-                self.train(cfg, resume=True)
+            self.train(cfg, **resume)
         except TSDError as err:  # e.g. NonFiniteError at a too-high lr: recorded, the grid goes on
             path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path / FAILED_FILE, {"error": str(err), "type": type(err).__name__})
