@@ -172,8 +172,12 @@ def headline_statements(results: dict) -> list[str]:
             if low:
                 shown = ", ".join(f"`{x['method']}` seed {x['seed']} ({pct(x['test_accuracy'])} %)" for x in low)
                 lr_note = "each at its method's chosen lr" if len(spec["lrs"]) > 1 else "the lr was not tuned"
-                out.append(f"Runs more than 15 pp below LoRA's mean (read them with the learning curves: {lr_note}, "
-                           f"and LoRA-Init / LoRA-TSD restart their adapter at the switch): {shown}.")
+                # Only the pre-launch protocol throws its adapter away mid-run; the gradient probe switches at 0.
+                restart = any(x["method"].startswith(("init", "tsd")) and "init_estimator=gradient" not in x["method"]
+                              for x in low)
+                restart_note = ", and LoRA-Init / LoRA-TSD restart their adapter at the switch" if restart else ""
+                out.append(f"Runs more than 15 pp below LoRA's mean (read them with the learning curves: {lr_note}"
+                           f"{restart_note}): {shown}.")
             out.append("")
     excl = [p for p in paired if p["ci_low"] is not None and p["n"] >= 2 and (p["ci_low"] > 0 or p["ci_high"] < 0)]
     lines = [f"{name(p)} {pp(p['diff_mean'])} pp [{pp(p['ci_low'])}, {pp(p['ci_high'])}]"
