@@ -247,13 +247,27 @@ def headline_table() -> list[str]:
 
 
 def sweep_headline() -> list[str]:
-    """The tuned cells, for the README: the table above is untuned, so say what tuning changed where it ran."""
-    parts = [text for sweep, fixed in SWEEP_GRIDS.items() for text in sweep_statement(sweep, fixed) if text]
-    if not parts:
+    """The tuned cells, for the README: the table above is untuned, so show what tuning changed where it ran."""
+    rows = []
+    for sweep, fixed in SWEEP_GRIDS.items():
+        results, untuned = load(sweep, "results.json"), load(fixed, "results.json")
+        if results is None or untuned is None:
+            continue
+        lrs = {(c["method"], c["r"]): c["lr"] for c in results.get("selection", [])}
+        old = {(p["method"], p["r"]): p for p in untuned["paired"]}
+        for p in results["paired"]:
+            q = old.get((p["method"], p["r"]))
+            if p["n"] < 2 or p["ci_low"] is None or q is None or q["n"] < 2 or q["ci_low"] is None:
+                continue
+            rows.append(f"| `{p['task']}` r={p['r']} | {lrs[('lora', p['r'])]:g} | {lrs[(p['method'], p['r'])]:g} | "
+                        f"{pp(p['diff_mean'])} [{pp(p['ci_low'])}, {pp(p['ci_high'])}] (n={p['n']}) | "
+                        f"{pp(q['diff_mean'])} [{pp(q['ci_low'])}, {pp(q['ci_high'])}] (n={q['n']}) |")
+    if not rows:
         return []
-    return ["", "The learning-rate sweeps of the report (LoRA and LoRA-Init with the gradient estimator, "
-            "lr ∈ {0.0005, 0.001, 0.003} tuned on validation, each made by the command in its section). "
-            + " ".join(parts)]
+    return ["", "Where the learning rate was tuned (lr ∈ {0.0005, 0.001, 0.003}, best mean validation accuracy on "
+            "seeds 0 and 1, per method; the report's learning-rate sweep sections, each with its command), "
+            "LoRA-Init with the gradient estimator (the 0.2 default) minus LoRA, test accuracy in points:", "",
+            "| cell | LoRA's lr | LoRA-Init's lr | tuned | both at lr 0.001 |", "|---|---|---|---|---|", *rows]
 
 
 def collapsed_note() -> list[str]:
