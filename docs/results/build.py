@@ -173,7 +173,8 @@ def headline_statements(results: dict) -> list[str]:
                 shown = ", ".join(f"`{x['method']}` seed {x['seed']} ({pct(x['test_accuracy'])} %)" for x in low)
                 lr_note = "each at its method's chosen lr" if len(spec["lrs"]) > 1 else "the lr was not tuned"
                 # Only the pre-launch protocol throws its adapter away mid-run; the gradient probe switches at 0.
-                restart = any(x["method"].startswith(("init", "tsd")) and "init_estimator=gradient" not in x["method"]
+                # Read it from what each run ran with, not from its label (a bare `init` is either).
+                restart = any(x["config"]["method"] in ("init", "tsd") and x["config"]["init_estimator"] == "prelaunch"
                               for x in low)
                 restart_note = ", and LoRA-Init / LoRA-TSD restart their adapter at the switch" if restart else ""
                 out.append(f"Runs more than 15 pp below LoRA's mean (read them with the learning curves: {lr_note}"
@@ -250,20 +251,11 @@ def sweep_headline() -> list[str]:
     """The tuned cells, for the README: the table above is untuned, so show what tuning changed where it ran."""
     rows = []
     for sweep, fixed in SWEEP_GRIDS.items():
-        results, untuned = load(sweep, "results.json"), load(fixed, "results.json")
-        if results is None or untuned is None:
-            continue
-        lrs = {(c["method"], c["r"]): c["lr"] for c in results.get("selection", [])}
-        old = {(p["method"], p["r"]): p for p in untuned["paired"]}
-        for p in results["paired"]:
-            if p["n"] < 2 or p["ci_low"] is None:
-                continue
-            q = old.get((p["method"], p["r"]))
-            untuned = (f"{pp(q['diff_mean'])} [{pp(q['ci_low'])}, {pp(q['ci_high'])}] (n={q['n']})"
-                       if q is not None and q["n"] >= 2 and q["ci_low"] is not None else "not run")
+        lrs = {(c["method"], c["r"]): c["lr"] for c in (load(sweep, "results.json") or {}).get("selection", [])}
+        for p, q in sweep_pairs(sweep, fixed):
+            untuned = f"{diff_ci(q)} (n={q['n']})" if q is not None else "not run"
             rows.append(f"| `{p['task']}` r={p['r']} | {p['method']} | {lrs[('lora', p['r'])]:g} | "
-                        f"{lrs[(p['method'], p['r'])]:g} | {pp(p['diff_mean'])} [{pp(p['ci_low'])}, "
-                        f"{pp(p['ci_high'])}] (n={p['n']}) | {untuned} |")
+                        f"{lrs[(p['method'], p['r'])]:g} | {diff_ci(p)} (n={p['n']}) | {untuned} |")
     if not rows:
         return []
     return ["", "Where the learning rate was tuned (lr ∈ {0.0005, 0.001, 0.003}, best mean validation accuracy on "
@@ -806,39 +798,51 @@ def default_vs_lora_statement() -> list[str]:
 
 def tuned_vs_lora_statement() -> list[str]:
     """The same question where both methods had their lr tuned (the sweep grids)."""
-    cells = [p for sweep in SWEEP_GRIDS for p in (load(sweep, "results.json") or {}).get("paired", [])
-             if p["method"] == "init:init_estimator=gradient" and p["n"] >= 2 and p["ci_low"] is not None]
+    cells = [p for sweep, fixed in SWEEP_GRIDS.items() for p, _ in sweep_pairs(sweep, fixed)
+             if p["method"] == "init:init_estimator=gradient"]
     if not cells:
         return []
-    shown = "; ".join(f"`{p['task']}` r = {p['r']}: {pp(p['diff_mean'])} [{pp(p['ci_low'])}, {pp(p['ci_high'])}]"
-                      for p in cells)
+    shown = "; ".join(f"`{p['task']}` r = {p['r']}: {diff_ci(p)}" for p in cells)
     above = sum(p["ci_low"] > 0 for p in cells)
     below = sum(p["ci_high"] < 0 for p in cells)
     return [f"With the lr tuned for both (the learning-rate sweep sections), LoRA-Init (gradient) minus LoRA: {shown}"
             f" — ahead beyond the interval in {above} of {len(cells)} cells, behind beyond it in {below}.", ""]
 
 
-def sweep_statement(sweep: str, fixed: str) -> list[str]:
-    """What tuning the lr changed: each method's chosen lr, and its paired difference to the baseline at the
-    chosen lrs against the same difference at the fixed lr of the untuned grid (same task, rank and seeds)."""
+def diff_ci(p: dict) -> str:
+    """A paired difference with its interval, in points: ``−2.6 [−4.6, −0.5]``."""
+    return f"{pp(p['diff_mean'])} [{pp(p['ci_low'])}, {pp(p['ci_high'])}]"
+
+
+def _has_interval(p: dict | None) -> bool:
+    return p is not None and p["n"] >= 2 and p["ci_low"] is not None
+
+
+def sweep_pairs(sweep: str, fixed: str) -> list[tuple[dict, dict | None]]:
+    """Each paired difference of a sweep grid (each method at its chosen lr) with the same difference in the
+    untuned grid it continues (same task, method, rank; None where that grid did not run it)."""
     results, untuned = load(sweep, "results.json"), load(fixed, "results.json")
     if results is None or untuned is None:
         return []
-    chosen = {(s["method"], s["r"]): s["lr"] for s in results["summary"] if s.get("lr") is not None}
-    picks = [f"`{m}` r = {r}: lr {lr:g}" for (m, r), lr in chosen.items()]
     old = {(p["task"], p["method"], p["r"]): p for p in untuned["paired"]}
-    parts = []
+    pairs = []
     for p in results["paired"]:
-        if not p["n"] or p["ci_low"] is None:
-            continue
-        q = old.get((p["task"], p["method"], p["r"]))
-        untuned = (f"against {pp(q['diff_mean'])} [{pp(q['ci_low'])}, {pp(q['ci_high'])}] (n = {q['n']}) with both "
-                   "at lr 0.001" if q is not None and q["n"] and q["ci_low"] is not None
-                   else "(no untuned counterpart was run)")
-        parts.append(f"`{p['method']}` − LoRA on `{p['task']}` r = {p['r']}: {pp(p['diff_mean'])} "
-                     f"[{pp(p['ci_low'])}, {pp(p['ci_high'])}] (n = {p['n']}) with each lr tuned, {untuned}")
+        if _has_interval(p):
+            q = old.get((p["task"], p["method"], p["r"]))
+            pairs.append((p, q if _has_interval(q) else None))
+    return pairs
+
+
+def sweep_statement(sweep: str, fixed: str) -> list[str]:
+    """What tuning the lr changed: each method's chosen lr, and its paired difference to the baseline at the
+    chosen lrs against the same difference at the fixed lr of the untuned grid (same task, rank and seeds)."""
+    results = load(sweep, "results.json")
+    picks = [f"`{c['method']}` r = {c['r']}: lr {c['lr']:g}" for c in (results or {}).get("selection", [])]
     if not picks:
         return []
+    parts = [f"`{p['method']}` − LoRA on `{p['task']}` r = {p['r']}: {diff_ci(p)} (n = {p['n']}) with each lr "
+             "tuned, " + (f"against {diff_ci(q)} (n = {q['n']}) with both at lr 0.001" if q is not None
+                          else "(no untuned counterpart was run)") for p, q in sweep_pairs(sweep, fixed)]
     task, seeds = TASK_GRIDS.get(fixed, fixed), ", ".join(map(str, results["spec"]["tune_seeds"]))
     return [f"{task[0].upper()}{task[1:]}, chosen on validation (seeds {seeds}): "
             + "; ".join(picks) + ". " + ("Paired test difference (points, 95 % CI): " + "; ".join(parts) + "."
