@@ -98,6 +98,11 @@ def pp(x: float) -> str:
     return f"{100 * x:+.1f}".replace("-", "−")
 
 
+def grid_command(results: dict) -> str:
+    """The grid's recorded command with its output folder as a bare name (not the machine's path)."""
+    return re.sub(r"--out \S*/", "--out ", results["command"])
+
+
 def grid_section(name: str, title: str, notes: str = "") -> list[str]:
     """A grid's command, tables, plots and measured statements; ``notes`` (its protocol) follow when it ran."""
     results = load(name, "results.json")
@@ -110,7 +115,7 @@ def grid_section(name: str, title: str, notes: str = "") -> list[str]:
     tables = tables.replace("](", f"](results/{name}/")
     runs = [r for r in results["runs"] if r["status"] == "done"]
     wall = sum(r.get("wall_time_s") or 0 for r in runs)
-    command = re.sub(r"--out \S*/", "--out ", results["command"])
+    command = grid_command(results)
     count = len(results["spec"]["methods"])
     ranks = sorted({s["r"] for s in results["summary"]})
     rank_text = f"r = {ranks[0]}" if len(ranks) == 1 else "r ∈ {" + ", ".join(map(str, ranks)) + "}"
@@ -207,7 +212,7 @@ def headline_table() -> list[str]:
         results = load(name, "results.json")
         if results is None:
             continue
-        commands.append(re.sub(r"--out \S*/", "--out ", results["command"]))
+        commands.append(grid_command(results))
         paired = {(p["task"], p["r"], p["method"]): p for p in results["paired"]}
         for s in results["summary"]:
             if not s["n"]:
@@ -249,18 +254,23 @@ def headline_table() -> list[str]:
 
 def sweep_headline() -> list[str]:
     """The tuned cells, for the README: the table above is untuned, so show what tuning changed where it ran."""
-    rows = []
+    rows, commands = [], []
     for sweep, fixed in SWEEP_GRIDS.items():
-        lrs = {(c["method"], c["r"]): c["lr"] for c in (load(sweep, "results.json") or {}).get("selection", [])}
-        for p, q in sweep_pairs(sweep, fixed):
+        results = load(sweep, "results.json") or {}
+        lrs = {(c["method"], c["r"]): c["lr"] for c in results.get("selection", [])}
+        pairs = sweep_pairs(sweep, fixed)
+        commands += [grid_command(results)] if pairs else []
+        for p, q in pairs:
             untuned = f"{diff_ci(q)} (n={q['n']})" if q is not None else "not run"
             rows.append(f"| `{p['task']}` r={p['r']} | {p['method']} | {lrs[('lora', p['r'])]:g} | "
                         f"{lrs[(p['method'], p['r'])]:g} | {diff_ci(p)} (n={p['n']}) | {untuned} |")
     if not rows:
         return []
     return ["", "Where the learning rate was tuned (lr ∈ {0.0005, 0.001, 0.003}, best mean validation accuracy on "
-            "seeds 0 and 1, per method; the report's learning-rate sweep sections, each with its command), each "
-            "method minus LoRA, test accuracy in points (`init:init_estimator=gradient` is the 0.2 default):", "",
+            "seeds 0 and 1, per method; the report's learning-rate sweep sections), each method minus LoRA, test "
+            "accuracy in points (`init:init_estimator=gradient` is the 0.2 default; the lr 0.001 runs are carried "
+            "from the grids above with `--reuse docs/results/<grid>/results.json`). Made by:", "",
+            "```bash", *commands, "```", "",
             "| cell | method | LoRA's lr | its lr | tuned | both at lr 0.001 |", "|---|---|---|---|---|---|", *rows]
 
 
