@@ -29,3 +29,33 @@ def test_readme_headline_is_the_render_of_the_committed_results():
         "the README's results headline is stale or hand-edited: run docs/results/build.py")
     assert build.HEADLINE_START in committed and "| lora |" in committed
 
+
+
+def test_coverage_table_marks_tuned_untuned_and_missing_cells(monkeypatch):
+    """A cell is 'tuned' only where a sweep grid chose its lr and ran seeds at it; otherwise the untuned grids'
+    largest seed count, else '–'; the ablations grid counts as an untuned source."""
+    build = _build_module()
+    task = "bigbench:hyperbaton"
+
+    def summary(method, r, n, lr=0.001):
+        return {"task": task, "method": method, "r": r, "n": n, "lr": lr}
+
+    files = {
+        "minilm-hyperbaton": {"spec": {"tasks": [task]}, "summary": [
+            summary("lora", 2, 5), summary("dash", 2, 0), summary("pissa", 8, 3)]},
+        "minilm-ablations": {"spec": {"tasks": [task]}, "summary": [summary("pissa", 8, 4), summary("lora", 8, 0)]},
+        "minilm-lrsweep": {"spec": {"tasks": [task]},
+                           "selection": [{"task": task, "method": "lora", "r": 2, "lr": 0.003},
+                                         {"task": task, "method": "dash", "r": 2, "lr": 0.003}],
+                           "summary": [summary("lora", 2, 5, 0.003), summary("dash", 2, 0, 0.003)]},
+    }
+    monkeypatch.setattr(build, "TASK_GRIDS", {"minilm-hyperbaton": "hyperbaton"})
+    monkeypatch.setattr(build, "SWEEP_GRIDS", {"minilm-lrsweep": "minilm-hyperbaton"})
+    monkeypatch.setattr(build, "load", lambda name, file: files.get(name))
+    lines = build.coverage_table()
+    assert lines[0] == "| method | hyperbaton r=2 | hyperbaton r=8 |"
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[1:] for line in lines[2:]}
+    assert rows["lora"] == ["tuned, n=5 (lr 0.003)", "– |"]
+    assert rows["dash"] == ["–", "– |"]  # chosen but no seed finished at the chosen lr, and none untuned
+    assert rows["pissa"] == ["–", "lr 0.001, n=4 |"]  # the larger of the two untuned grids' counts
+    assert list(rows) == build.FULL_GRID_METHODS

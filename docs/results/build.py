@@ -872,8 +872,8 @@ def equal_budget_statement() -> list[str]:
             "95 % CI): " + "; ".join(parts) + ".", ""]
 
 SWEEP_NOTE = (
-    "One of the tuned comparisons on this page: every method of the grid (LoRA, the 0.2 default LoRA-Init with "
-    "the gradient estimator, on hyperbaton also LoRA-Dash) gets the same budget, lr ∈ {{0.0005, "
+    "One of the tuned comparisons on this page: every method of the grid ({methods}) gets the same budget, "
+    "lr ∈ {{0.0005, "
     "0.001, 0.003}} on seeds 0 and 1; the lr with the best mean validation accuracy is chosen per method and "
     "rank, the other seeds run at it only, and test accuracy is reported at the chosen lr over all five seeds. "
     "The lr 0.001 runs are the {fixed} grid's own (carried with `--reuse`). Protocol otherwise as above.")
@@ -889,13 +889,56 @@ GRADIENT_NOTE = (
     "for the `tsd:` rows.")
 
 
+# The methods of the issue's full MiniLM grid (the command in tail.md), in its order.
+FULL_GRID_METHODS = ["lora", "dash", "init:init_estimator=prelaunch", "tsd:init_estimator=prelaunch",
+                     "init:init_estimator=gradient", "tsd:init_estimator=gradient", "pissa", "milora", "dora"]
+
+
+def coverage_table() -> list[str]:
+    """Which cells of the full MiniLM grid this page holds, read from the grids: tuned (the lr sweep), at the
+    untuned lr only, or not run; n is the number of seeds at the lr reported."""
+    sources = [*TASK_GRIDS, "minilm-ablations"]  # the ablations hold 2-class r = 8 rows the task grid lacks
+    untuned: dict[tuple[str, int, str], int] = {}
+    for name in sources:
+        for s in (load(name, "results.json") or {}).get("summary", []):
+            key = (s["task"], s["r"], s["method"])
+            untuned[key] = max(untuned.get(key, 0), s["n"])
+    tuned: dict[tuple[str, int, str], str] = {}
+    for sweep in SWEEP_GRIDS:
+        results = load(sweep, "results.json") or {}
+        lrs = {(c["task"], c["r"], c["method"]): c["lr"] for c in results.get("selection", [])}
+        for s in results.get("summary", []):
+            key = (s["task"], s["r"], s["method"])
+            if s["n"] and key in lrs:
+                tuned[key] = f"tuned, n={s['n']} (lr {lrs[key]:g})"
+    columns = sorted({(t, r) for t, r, _ in [*untuned, *tuned]}, key=lambda c: (list(TASK_GRIDS).index(_grid_of(c[0])),
+                                                                                c[1]))
+    names = {task: TASK_GRIDS[_grid_of(task)] for task, _ in columns}
+    lines = ["| method | " + " | ".join(f"{names[t]} r={r}" for t, r in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for method in FULL_GRID_METHODS:
+        cells = [tuned.get((t, r, method)) or (f"lr 0.001, n={untuned[(t, r, method)]}"
+                                               if untuned.get((t, r, method)) else "–") for t, r in columns]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _grid_of(task: str) -> str:
+    """The task grid that holds ``task``."""
+    for name in TASK_GRIDS:
+        if task in ((load(name, "results.json") or {}).get("spec", {}).get("tasks", [])):
+            return name
+    raise SystemExit(f"no task grid holds {task!r}")
+
+
 def render_report() -> str:
     """The whole of results.md, from the files in this folder."""
     grid = load("minilm-multiemo", "results.json")
     minutes = sorted(r["wall_time_s"] / 60 for r in (grid or {}).get("runs", []) if r.get("wall_time_s"))
     head = (HERE / "head.md").read_text().replace(
         "{run_minutes}", f"{minutes[0]:.0f}–{minutes[-1]:.0f}" if minutes else "–")
-    tail = (HERE / "tail.md").read_text().replace("{tsd_init_gap}", tsd_vs_init_gap())
+    tail = (HERE / "tail.md").read_text().replace("{tsd_init_gap}", tsd_vs_init_gap()).replace(
+        "{coverage}", "\n".join(coverage_table()))
     lines = [head.rstrip(), ""]
     lines += grid_section("minilm-multiemo",
                           "MiniLM on BIG-bench multiemo (2-class sentiment), {ranks}, {methods} methods")
@@ -911,7 +954,8 @@ def render_report() -> str:
     for sweep, fixed in SWEEP_GRIDS.items():
         lines += grid_section(
             sweep, f"Learning-rate sweep on {TASK_GRIDS[fixed]}, {{ranks}}, {{methods}} methods",
-            SWEEP_NOTE.format(fixed=TASK_GRIDS[fixed]))
+            SWEEP_NOTE.format(fixed=TASK_GRIDS[fixed], methods=", ".join(
+                f"`{m}`" for m in (load(sweep, "results.json") or {}).get("spec", {}).get("methods", []))))
         lines += sweep_statement(sweep, fixed)
     lines += grid_section(
         "minilm-tasks", "MiniLM on vitaminc (3-way fact verification), {ranks}, {methods} methods",
