@@ -59,3 +59,22 @@ def test_coverage_table_marks_tuned_untuned_and_missing_cells(monkeypatch):
     assert rows["dash"] == ["–", "– |"]  # chosen but no seed finished at the chosen lr, and none untuned
     assert rows["pissa"] == ["–", "lr 0.001, n=4 |"]  # the larger of the two untuned grids' counts
     assert list(rows) == build.FULL_GRID_METHODS
+
+
+def test_variant_differences_in_a_sweep_pair_each_method_at_its_own_chosen_lr(monkeypatch):
+    """In a sweep grid a method has runs at several lrs: the variant − reference difference must take each at the
+    lr its sweep chose, never mix lrs (a dict keyed without the lr would keep whichever run came last)."""
+    build = _build_module()
+    task, grad, pre = "bigbench:hyperbaton", "init:init_estimator=gradient", "init:init_estimator=prelaunch"
+    accuracy = {(grad, 0.001): [0.80, 0.82, 0.84], (grad, 0.003): [0.50, 0.50, 0.50],
+                (pre, 0.001): [0.70, 0.70, 0.70], (pre, 0.003): [0.75, 0.76, 0.80]}
+    runs = [{"task": task, "method": m, "r": 2, "lr": lr, "seed": seed, "status": "done", "test_accuracy": a}
+            for (m, lr), values in accuracy.items() for seed, a in enumerate(values)]
+    files = {"sweep": {"spec": {"tasks": [task], "methods": ["lora", grad, pre], "ranks": [2], "lrs": [0.001, 0.003]},
+                       "selection": [{"task": task, "method": grad, "r": 2, "lr": 0.001},
+                                     {"task": task, "method": pre, "r": 2, "lr": 0.003}],
+                       "runs": runs}}
+    monkeypatch.setattr(build, "load", lambda name, file: files.get(name))
+    [record] = build.variant_differences("sweep")
+    assert (record["variant"], record["base"], record["n"], record["tuned"]) == (grad, pre, 3, True)
+    assert abs(record["mean"] - (0.82 - 0.77)) < 1e-12

@@ -334,7 +334,11 @@ def variant_differences(grid: str) -> list[dict]:
     if results is None:
         return []
     task = results["spec"]["tasks"][0]
-    acc = {(r["method"], r["r"], r["seed"]): r["test_accuracy"] for r in results["runs"] if r["status"] == "done"}
+    # A sweep grid holds several lrs per method: each method counts at the lr its sweep chose (unfinished: none).
+    tuned = len(results["spec"]["lrs"]) > 1
+    chosen = {(c["method"], c["r"]): c["lr"] for c in results.get("selection", [])}
+    acc = {(r["method"], r["r"], r["seed"]): r["test_accuracy"] for r in results["runs"]
+           if r["status"] == "done" and (not tuned or chosen.get((r["method"], r["r"])) == r["lr"])}
     out = []
     methods = results["spec"]["methods"]
     for variant in (m for m in methods if ":" in m):
@@ -351,7 +355,8 @@ def variant_differences(grid: str) -> list[dict]:
             mean, low, high = confidence_interval(diffs)
             interval = len(diffs) >= 2 and len(set(diffs)) > 1  # one seed, or zero variance: no interval
             out.append({"variant": variant, "base": base, "task": task, "r": r, "family": family, "n": len(diffs),
-                        "mean": mean, "low": low if interval else None, "high": high if interval else None})
+                        "mean": mean, "low": low if interval else None, "high": high if interval else None,
+                        "tuned": tuned})
     return out
 
 
@@ -362,7 +367,7 @@ def _beyond(d: dict, sign: int) -> bool:
 
 def defaults_section() -> list[str]:
     """Each variant (ablation grid, and the estimator and step-budget rows of the task grids) against its reference."""
-    records = [d for grid in ("minilm-ablations", *TASK_GRIDS)
+    records = [d for grid in ("minilm-ablations", *TASK_GRIDS, *SWEEP_GRIDS)
                for d in variant_differences(grid)]
     if not records:
         return []
@@ -374,7 +379,8 @@ def defaults_section() -> list[str]:
             what += f", in a run of {budget.group(1)} steps"
         ci = (f"[{pp(d['low'])}, {pp(d['high'])}]" if d["low"] is not None else
               "(one seed: no interval)" if d["n"] == 1 else "(zero variance: no interval)")
-        rows.append(f"| `{d['variant']}` | `{d['base']}` | `{d['task']}` r = {d['r']} | {what} (reference: "
+        where = f"`{d['task']}` r = {d['r']}" + (", each lr tuned" if d["tuned"] else "")
+        rows.append(f"| `{d['variant']}` | `{d['base']}` | {where} | {what} (reference: "
                     f"{default}) | {d['n']} | {pp(d['mean'])} {ci} |")
     moved = [f"`{d['variant']}` on `{d['task']}` r = {d['r']} ({pp(d['mean'])} pp)" for d in records
              if _beyond(d, 1) or _beyond(d, -1)]
@@ -388,7 +394,8 @@ def defaults_section() -> list[str]:
             "Each variant minus its reference, the same method with the pre-launch protocol of the grid (`dash`, "
             "`init:init_estimator=prelaunch` or `tsd:init_estimator=prelaunch`), on the same seed: test accuracy "
             "in points, mean [95 % Student-t CI over seeds] (`lora_tsd.compare.confidence_interval`); the ablation "
-            "grid above, and the estimator and step-budget rows of the task grids.",
+            "grid above, the estimator and step-budget rows of the task grids (lr 1e-3), and those of the "
+            "learning-rate sweeps, where each of the two has its own chosen lr (\"each lr tuned\").",
             "", "| variant | reference | task | what it changes | seeds | difference to the reference |",
             "|---|---|---|---|---|---|", *rows, "", verdict, "", *defaults_decision(records), ""]
 
