@@ -61,6 +61,25 @@ def test_coverage_table_marks_tuned_untuned_and_missing_cells(monkeypatch):
     assert list(rows) == build.FULL_GRID_METHODS
 
 
+def test_smollm2_coverage_lists_every_method_of_the_full_grid_with_its_finished_seeds(monkeypatch):
+    """Every method of the full SmolLM2 grid gets a row; a cell shows the lr and n of its finished seeds, '–'
+    where none finished (n = 0 counts as not run) or the task is absent."""
+    build = _build_module()
+    strategyqa = "bigbench:strategyqa@multiple_choice"
+    files = {"smollm2-grid": {"summary": [
+        {"task": strategyqa, "method": "lora", "r": 8, "lr": 0.002, "n": 3},
+        {"task": strategyqa, "method": "pissa", "r": 8, "lr": 0.002, "n": 0},
+        {"task": "bigbench:social_iqa", "method": "dora", "r": 8, "lr": 0.0003, "n": 2}]}}
+    monkeypatch.setattr(build, "load", lambda name, file: files.get(name))
+    lines = build.smollm2_coverage()
+    assert lines[0] == "| method | strategyqa r=8 | social_iqa r=8 |"
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[1:] for line in lines[2:]}
+    assert list(rows) == build.SMOLLM2_GRID_METHODS
+    assert rows["lora"] == ["lr 0.002, n=3", "– |"]
+    assert rows["pissa"] == ["–", "– |"]
+    assert rows["dora"] == ["–", "lr 0.0003, n=2 |"]
+
+
 def test_variant_differences_in_a_sweep_pair_each_method_at_its_own_chosen_lr(monkeypatch):
     """In a sweep grid a method has runs at several lrs: the variant − reference difference must take each at the
     lr its sweep chose, never mix lrs (a dict keyed without the lr would keep whichever run came last)."""

@@ -921,12 +921,31 @@ def coverage_table() -> list[str]:
     columns = sorted({(t, r) for t, r, _ in [*untuned, *tuned]}, key=lambda c: (list(TASK_GRIDS).index(_grid_of(c[0])),
                                                                                 c[1]))
     names = {task: TASK_GRIDS[_grid_of(task)] for task, _ in columns}
-    lines = ["| method | " + " | ".join(f"{names[t]} r={r}" for t, r in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for method in FULL_GRID_METHODS:
-        cells = [tuned.get((t, r, method)) or (f"lr 0.001, n={untuned[(t, r, method)]}"
-                                               if untuned.get((t, r, method)) else "–") for t, r in columns]
-        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return _method_table(FULL_GRID_METHODS, [f"{names[t]} r={r}" for t, r in columns], lambda method: [
+        tuned.get((t, r, method)) or (f"lr 0.001, n={untuned[(t, r, method)]}" if untuned.get((t, r, method))
+                                      else "–") for t, r in columns])
+
+
+# The methods and tasks of the issue's full SmolLM2 grid (the command in tail.md), in its order.
+SMOLLM2_GRID_METHODS = ["lora", "dash", "init", "tsd", "init:init_estimator=gradient,prelaunch_steps=0",
+                        "tsd:init_estimator=gradient,prelaunch_steps=0", "pissa", "milora", "dora"]
+SMOLLM2_GRID_TASKS = {"bigbench:strategyqa@multiple_choice": "strategyqa", "bigbench:social_iqa": "social_iqa"}
+
+
+def smollm2_coverage() -> list[str]:
+    """Which cells of the full SmolLM2 grid smollm2-grid holds: the lr and the number of finished seeds, or
+    '–' where none finished."""
+    ran = {(s["task"], s["method"]): s for s in (load("smollm2-grid", "results.json") or {}).get("summary", [])
+           if s["n"]}
+    return _method_table(SMOLLM2_GRID_METHODS, [f"{name} r=8" for name in SMOLLM2_GRID_TASKS.values()],
+                         lambda method: [f"lr {ran[(t, method)]['lr']:g}, n={ran[(t, method)]['n']}"
+                                         if (t, method) in ran else "–" for t in SMOLLM2_GRID_TASKS])
+
+
+def _method_table(methods: list[str], headers: list[str], cells) -> list[str]:
+    """A Markdown table with one row per method (`cells(method)` gives its cells, one per header)."""
+    lines = ["| method | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+    lines += [f"| `{method}` | " + " | ".join(cells(method)) + " |" for method in methods]
     return lines
 
 
@@ -945,7 +964,8 @@ def render_report() -> str:
     head = (HERE / "head.md").read_text().replace(
         "{run_minutes}", f"{minutes[0]:.0f}–{minutes[-1]:.0f}" if minutes else "–")
     tail = (HERE / "tail.md").read_text().replace("{tsd_init_gap}", tsd_vs_init_gap()).replace(
-        "{coverage}", "\n".join(coverage_table()))
+        "{coverage}", "\n".join(coverage_table())).replace(
+        "{smollm2_coverage}", "\n".join(smollm2_coverage()))
     lines = [head.rstrip(), ""]
     lines += grid_section("minilm-multiemo",
                           "MiniLM on BIG-bench multiemo (2-class sentiment), {ranks}, {methods} methods")
