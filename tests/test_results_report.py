@@ -80,6 +80,26 @@ def test_smollm2_coverage_lists_every_method_of_the_full_grid_with_its_finished_
     assert rows["dora"] == ["–", "lr 0.0003, n=2 |"]
 
 
+def test_paper_rows_include_the_tuned_sweep_after_its_untuned_grid(monkeypatch):
+    """The paper comparison takes each lr sweep's paired difference (labelled 'each lr tuned') right after the
+    untuned grid it continues, with the sweep's own numbers and verdict."""
+    build = _build_module()
+    task = "bigbench:hyperbaton"
+
+    def paired(diff, low, high):  # fractions of accuracy, as compare writes them
+        return {"task": task, "method": "dash", "r": 2, "n": 5, "diff_mean": diff, "ci_low": low, "ci_high": high}
+
+    files = {"minilm-hyperbaton": {"spec": {"tasks": [task]}, "paired": [paired(-0.002, -0.010, 0.006)]},
+             "minilm-lrsweep": {"spec": {"tasks": [task]}, "paired": [paired(-0.030, -0.050, -0.010)]}}
+    monkeypatch.setattr(build, "SWEEP_GRIDS", {"minilm-lrsweep": "minilm-hyperbaton"})
+    monkeypatch.setattr(build, "load", lambda name, file: files.get(name))
+    rows = [line for line in build.paper_section() if line.startswith("| LoRA-Dash beats LoRA")]
+    assert len(rows) == 2
+    assert f"`{task}`, r = 2, test accuracy" in rows[0] and "−0.2 pp [−1.0, +0.6]" in rows[0]
+    assert f"`{task}`, r = 2, each lr tuned, test accuracy" in rows[1] and "−3.0 pp [−5.0, −1.0]" in rows[1]
+    assert rows[1].endswith("| reversed: LoRA is better, the interval excludes 0 |")
+
+
 def test_variant_differences_in_a_sweep_pair_each_method_at_its_own_chosen_lr(monkeypatch):
     """In a sweep grid a method has runs at several lrs: the variant − reference difference must take each at the
     lr its sweep chose, never mix lrs (a dict keyed without the lr would keep whichever run came last)."""
