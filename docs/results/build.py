@@ -701,7 +701,9 @@ def paper_section() -> list[str]:
     for method, name in claims:
         paper = gains if method == "dash" else "no public numbers in method.md"
         for setting, by in settings:
-            p = by.get(method if ":" in method else prelaunch_label(list(by), method))
+            # SmolLM2's grid fixes --prelaunch-steps 50, so its gradient rows also set prelaunch_steps=0
+            p = (by.get(method) or by.get(f"{method},prelaunch_steps=0") if ":" in method
+                 else by.get(prelaunch_label(list(by), method)))
             if p is None or not p["n"]:
                 continue
             here = f"{pp(p['diff_mean'])} pp" + (f" [{pp(p['ci_low'])}, {pp(p['ci_high'])}], n = {p['n']}"
