@@ -325,6 +325,14 @@ def prelaunch_label(methods: list[str], method: str) -> str | None:
     return explicit if explicit in methods else (method if method in methods else None)
 
 
+def gradient_label(methods: list[str], method: str) -> str | None:
+    """The label under which a grid ran ``method`` with the gradient estimator: ``init:init_estimator=gradient``,
+    or with ``,prelaunch_steps=0`` added in grids whose fixed ``--prelaunch-steps`` would otherwise ask for a
+    pre-launch (the SmolLM2 grid)."""
+    labels = (f"{method}:init_estimator=gradient", f"{method}:init_estimator=gradient,prelaunch_steps=0")
+    return next((label for label in labels if label in methods), None)
+
+
 def variant_differences(grid: str) -> list[dict]:
     """Each ``method:key=value`` variant of a grid minus its reference (the same method with the grid's pre-launch
     protocol) on the same seeds: one record per variant and rank, with the paired mean and 95 % interval."""
@@ -695,15 +703,13 @@ def paper_section() -> list[str]:
                 by = {p["method"]: p for p in data["paired"] if p["task"] == task and p["r"] == r}
                 if any(p["n"] for p in by.values()):
                     settings.append((f"{model}, `{task}`, r = {r}{tuning}", by))
-    claims = [("dash", "LoRA-Dash"), ("init", "LoRA-Init (pre-launch)"),
-              ("init:init_estimator=gradient", "LoRA-Init (gradient)"), ("tsd", "LoRA-TSD (pre-launch)"),
-              ("tsd:init_estimator=gradient", "LoRA-TSD (gradient)")]
-    for method, name in claims:
+    claims = [("dash", prelaunch_label, "LoRA-Dash"), ("init", prelaunch_label, "LoRA-Init (pre-launch)"),
+              ("init", gradient_label, "LoRA-Init (gradient)"), ("tsd", prelaunch_label, "LoRA-TSD (pre-launch)"),
+              ("tsd", gradient_label, "LoRA-TSD (gradient)")]
+    for method, label, name in claims:
         paper = gains if method == "dash" else "no public numbers in method.md"
         for setting, by in settings:
-            # SmolLM2's grid fixes --prelaunch-steps 50, so its gradient rows also set prelaunch_steps=0
-            p = (by.get(method) or by.get(f"{method},prelaunch_steps=0") if ":" in method
-                 else by.get(prelaunch_label(list(by), method)))
+            p = by.get(label(list(by), method))
             if p is None or not p["n"]:
                 continue
             here = f"{pp(p['diff_mean'])} pp" + (f" [{pp(p['ci_low'])}, {pp(p['ci_high'])}], n = {p['n']}"
