@@ -116,16 +116,19 @@ def test_switch_after_exactly_t_optimizer_steps_and_directions(model_kind, metho
         assert any(layer.dash_c.abs().sum() > 0 for _, layer in layers)  # c trains after the switch
 
 
-def test_init_switch_resets_optimizer_state_of_A_and_B(model_kind):
+def test_tsd_switch_resets_optimizer_state_of_A_B_and_c(model_kind):
     model = MODEL_FACTORIES[model_kind]()
     lora_tsd.attach(model, config_for("tsd", model_kind))
     opt = make_optimizer(model)
     for n in range(T):
         train_step(model, opt, seed=n)
+        if n < T - 1:
+            for _, layer in lora_tsd.adapted_layers(model):
+                assert int(opt.state[layer.dash_c]["step"]) == n + 1  # c is in the optimizer from step 0
         lora_tsd.step(model, opt)
     for _, layer in lora_tsd.adapted_layers(model):
         assert layer.lora_A not in opt.state and layer.lora_B not in opt.state
-        assert int(opt.state[layer.dash_c]["step"]) == T  # c was in the optimizer from step 0
+        assert layer.dash_c not in opt.state  # its Adam step count restarts at the switch (method.md §3)
 
 
 def test_dash_coefficient_is_in_optimizer_from_step_zero_and_stays_zero_before_switch(model_kind):

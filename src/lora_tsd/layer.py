@@ -5,9 +5,12 @@ Forward (method.md §3)::
 
     y = base(x) + (α/r)·B A drop(x) + U_s diag(c) V_sᵀ drop(x)
 
-computed as one rank-(r+s) pair ``[(α/r)B, U_s·c] @ ([A; V_sᵀ] @ drop(x))``: two thin matmuls, never an
+computed as one rank-(r+s) pair ``[(α/r)B, U_s·c] @ [A drop₁(x); V_sᵀ drop₂(x)]``: thin matmuls, never an
 ``(out, in)`` matrix. Before the switch ``U_s`` and ``V_s`` are zero, so the dash term is exactly zero and
-``c`` receives a zero gradient; ``c`` exists from the start so it sits in the optimizer from step 0.
+``c`` receives a zero gradient; ``c`` exists from the start so it sits in the optimizer from step 0, and the
+switch resets its optimizer state (method.md §3), so its Adam step count starts at the switch as in the
+authors' code. The two dropout masks are independent after the switch (as in the authors' code); before it
+the dash term is absent, so no second mask is drawn and a LoRA-Dash run is LoRA exactly, RNG stream included.
 
 All state that decides behaviour (phase, optimizer-step count, selected indices, dash directions, the
 components LoRA-Init moved out of the base weight, whether the layer is merged, the fingerprint of the
@@ -90,9 +93,10 @@ class TSDLinear(nn.Module):
             self.register_buffer("init_idx", torch.full((ri,), -1, dtype=torch.int64, device=device))
             self.register_buffer("init_B0", torch.zeros(self.out_features, ri, device=device))
             self.register_buffer("init_A0", torch.zeros(ri, self.in_features, device=device))
-        # A forward-time mirror of the ``merged`` buffer: reading a GPU bool buffer in every forward would
-        # force a device sync. It is derived state, refreshed wherever the buffer changes.
+        # Forward-time mirrors of the ``merged`` and ``phase`` buffers: reading a GPU buffer in every forward
+        # would force a device sync. They are derived state, refreshed wherever the buffers change.
         self._merged = False
+        self._switched = False
 
     # ---------------------------------------------------------------------------------------- helpers
 
@@ -170,7 +174,12 @@ class TSDLinear(nn.Module):
         if self._merged:
             return result
         B, A = self.factors()
-        z = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r+s)
+        x = x.to(A.dtype)
+        if self._switched and self.dash_c is not None and isinstance(self.dropout, nn.Dropout):
+            # Independent masks for the LoRA and the dash term (the authors' code draws two).
+            z = torch.cat([F.linear(self.dropout(x), self.lora_A), F.linear(self.dropout(x), self.dash_V.T)], dim=-1)
+        else:
+            z = F.linear(self.dropout(x), A)  # (..., r+s)
         if result.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type):
             # One gemm accumulates B' z into the base output: no (tokens, out) temporary, one pass fewer
             # (docs/performance.md, "Candidate adapter forwards": CPU fp32 4-9 % faster, 14-16 % less step
@@ -214,6 +223,7 @@ class TSDLinear(nn.Module):
                 assign(self.lora_A, A)
                 self.remove_init_components()
             self.phase.fill_(PHASE_SWITCHED)
+        self._switched = True
 
     def init_component(self) -> torch.Tensor:
         """``(α/r)·B₀A₀ = U_T diag(σ_T) V_Tᵀ`` ``(out, in)`` fp32: what LoRA-Init moves out of the base weight."""
@@ -254,6 +264,7 @@ class TSDLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._merged = bool(self.merged)
+        self._switched = int(self.phase) == PHASE_SWITCHED
 
     def extra_repr(self) -> str:
         return (f"method={self.config.method}, r={self.config.r}, alpha={self.config.alpha}, "

@@ -7,6 +7,7 @@ log-likelihood (``acc``, ``acc_norm`` as lm-eval) or, for generation tasks, by g
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,17 @@ from .batching import (
 from .errors import ConfigError
 
 Example = dict[str, Any]
+
+#: Metric: the share of examples given the most frequent prediction (a class, or a choice position). 1.0 is a
+#: constant prediction, the sign of a collapsed run; a well-trained model sits near the label distribution.
+TOP_SHARE = "top_prediction_share"
+
+
+def top_prediction_share(predicted: list[int]) -> float:
+    """Share of the most frequent value in ``predicted`` (0.0 for no predictions)."""
+    if not predicted:
+        return 0.0
+    return max(Counter(predicted).values()) / len(predicted)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -48,12 +60,14 @@ class EncoderClassifier:
     def evaluate(self, model: nn.Module, examples: list[Example], batch_size: int,
                  device: torch.device) -> dict[str, float]:
         correct = 0
+        predicted: list[int] = []
         for chunk in _chunks(examples, batch_size):
             batch = encode_classification(self.tokenizer, chunk, self.max_length)
             labels = batch.pop("labels").to(device)
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             correct += int((logits.argmax(dim=-1) == labels).sum())
-        return {"accuracy": correct / len(examples)}
+            predicted += logits.argmax(dim=-1).tolist()
+        return {"accuracy": correct / len(examples), TOP_SHARE: top_prediction_share(predicted)}
 
 
 @dataclass
@@ -99,14 +113,17 @@ class DecoderScorer:
         loglik = torch.cat(scores)
         acc = acc_norm = 0
         start = 0
+        predicted: list[int] = []
         for ex in views:
             n = len(ex["choices"])
             ll = loglik[start:start + n]
             norm = ll / torch.tensor(lengths[start:start + n], dtype=torch.float32)
-            acc += int(int(ll.argmax()) == int(ex["label"]))
+            predicted.append(int(ll.argmax()))
+            acc += int(predicted[-1] == int(ex["label"]))
             acc_norm += int(int(norm.argmax()) == int(ex["label"]))
             start += n
-        return {"accuracy": acc / len(views), "accuracy_norm": acc_norm / len(views)}
+        return {"accuracy": acc / len(views), "accuracy_norm": acc_norm / len(views),
+                TOP_SHARE: top_prediction_share(predicted)}
 
     def _evaluate_generation(self, model: nn.Module, examples: list[Example], batch_size: int,
                              device: torch.device) -> dict[str, float]:

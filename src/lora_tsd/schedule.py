@@ -6,7 +6,8 @@ which shifts its switch whenever anything but a training step runs a forward pas
 
 At the switch, for every adapted layer: SVD of the current base weight in fp32, change rates of the
 pre-launch update ``(α/r)·BA`` (or of a probed gradient), ranking, then the method's move: dash directions
-and/or LoRA-Init (A, B re-initialized, the base weight residualized, their optimizer state reset). Base
+(the coefficients' optimizer state reset) and/or LoRA-Init (A, B re-initialized, the base weight residualized,
+their optimizer state reset). Base
 weights change only here and in :func:`lora_tsd.load_adapter`, through ``TSDLinear.remove_init_components``.
 """
 
@@ -36,8 +37,9 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
 
     Args:
         model: a model with TSD adapters.
-        optimizer: the optimizer that holds the adapter parameters; needed by init-style methods, whose
-            switch resets the optimizer state of A and B.
+        optimizer: the optimizer that holds the adapter parameters; needed by every method with a switch,
+            which resets the optimizer state of the tensors it re-initializes (A and B for init-style methods,
+            the dash coefficients c, method.md §3).
         svd_cache: folder of the content-keyed SVD cache (:mod:`lora_tsd.svd_cache`); ``None``: no cache.
 
     Returns:
@@ -93,9 +95,11 @@ def switch(
     config: TSDConfig = layers[0][1].config
     if any(layer.is_switched for _, layer in layers):
         raise ConfigError("the adapters have already switched")
-    if config.spec.has_init and optimizer is None and int(layers[0][1].step) > 0:
-        raise ConfigError(f"method {config.method!r} re-initializes A and B at the switch: pass the optimizer "
-                          "to lora_tsd.step(model, optimizer) so their optimizer state is reset")
+    require_unmerged(layers, "switch")
+    if optimizer is None and int(layers[0][1].step) > 0:
+        what = "A and B" if config.spec.has_init else "the dash coefficients c"
+        raise ConfigError(f"method {config.method!r} resets the optimizer state of {what} at the switch: pass the "
+                          "optimizer to lora_tsd.step(model, optimizer)")
     rank, world = rank_and_world()
     workers = _workers(layers[0][1], workers)
     ri, s = config.init_size, config.dash_size
@@ -120,8 +124,31 @@ def switch(
                     for t in (*ranked, indices):
                         torch.distributed.broadcast(t, src=j % world)
                 layer.apply_switch(ranked, indices, ri, dash_start, s)
-    if config.spec.has_init and optimizer is not None:
-        reset_optimizer_state(optimizer, [p for _, layer in layers for p in (layer.lora_A, layer.lora_B)])
+    if optimizer is not None:
+        reset_optimizer_state(optimizer, switched_parameters(layers))
+
+
+def switched_parameters(layers: list[tuple[str, TSDLinear]]) -> list[nn.Parameter]:
+    """The parameters a switch re-initializes, whose optimizer state it resets: A and B for init-style methods
+    (their pre-launch moments belong to discarded values), and the dash coefficients c. c sits in the optimizer
+    from step 0 with an exactly zero gradient, so without the reset its Adam step count would already be t at
+    the switch and the bias correction would make its first updates larger than the authors' code, whose c has
+    no optimizer state until the switch (method.md §3)."""
+    params: list[nn.Parameter] = []
+    for _, layer in layers:
+        if layer.config.init_size:
+            params += [layer.lora_A, layer.lora_B]
+        if layer.dash_c is not None:
+            params.append(layer.dash_c)
+    return params
+
+
+def require_unmerged(layers: list[tuple[str, TSDLinear]], what: str) -> None:
+    """Refuse ``what`` on merged adapters: the base weight then holds W + ΔW, and decomposing it would rank the
+    directions of the fine-tuned weight instead of the pretrained one."""
+    if any(layer._merged for _, layer in layers):
+        raise ConfigError(f"{what} on a merged model: its base weights hold W + ΔW, not the pretrained W; call "
+                          "lora_tsd.unmerge(model) first")
 
 
 class _InlineExecutor(contextlib.AbstractContextManager):
@@ -232,6 +259,7 @@ def gradient_probe(
     config = layers[0][1].config
     if not config.spec.has_init or config.selector != "tsd":
         raise ConfigError("gradient_probe ranks TSDs for init-style methods with selector 'tsd'")
+    require_unmerged(layers, "gradient_probe")
     grads = {name: torch.zeros(layer.out_features, layer.in_features, device=layer.lora_A.device)
              for name, layer in layers}
     handles = []

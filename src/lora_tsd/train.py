@@ -444,7 +444,7 @@ def _read_log(out: Path) -> list[dict[str, Any]]:
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items() if k.startswith("accuracy"))
 
 
 def _jsonable(value: Any) -> Any:
