@@ -31,10 +31,12 @@ Example = dict[str, Any]
 #: Metric: the share of examples given the most frequent prediction (a class, or a choice position). 1.0 is a
 #: constant prediction, the sign of a collapsed run; a well-trained model sits near the label distribution.
 TOP_SHARE = "top_prediction_share"
+#: Metric: the share of the most frequent correct answer (the accuracy of always predicting it).
+MAJORITY_SHARE = "majority_label_share"
 
 
 def top_prediction_share(predicted: list[int]) -> float:
-    """Share of the most frequent value in ``predicted`` (0.0 for no predictions)."""
+    """Share of the most frequent value in ``predicted`` (0.0 for an empty list)."""
     if not predicted:
         return 0.0
     return max(Counter(predicted).values()) / len(predicted)
@@ -67,7 +69,9 @@ class EncoderClassifier:
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             correct += int((logits.argmax(dim=-1) == labels).sum())
             predicted += logits.argmax(dim=-1).tolist()
-        return {"accuracy": correct / len(examples), TOP_SHARE: top_prediction_share(predicted)}
+        labels = [int(e["label"]) for e in examples]
+        return {"accuracy": correct / len(examples), TOP_SHARE: top_prediction_share(predicted),
+                MAJORITY_SHARE: top_prediction_share(labels)}
 
 
 @dataclass
@@ -123,7 +127,8 @@ class DecoderScorer:
             acc_norm += int(int(norm.argmax()) == int(ex["label"]))
             start += n
         return {"accuracy": acc / len(views), "accuracy_norm": acc_norm / len(views),
-                TOP_SHARE: top_prediction_share(predicted)}
+                TOP_SHARE: top_prediction_share(predicted),
+                MAJORITY_SHARE: top_prediction_share([int(ex["label"]) for ex in views])}
 
     def _evaluate_generation(self, model: nn.Module, examples: list[Example], batch_size: int,
                              device: torch.device) -> dict[str, float]:
