@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,48 +43,12 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _import_lora_tsd() -> dict[str, Any]:
-    """lora_tsd's core modules; if the package's ``__init__`` needs something missing, load them directly."""
-    names = ("config", "directions", "layer", "model", "schedule", "bench")
-    try:
-        import lora_tsd  # noqa: F401
-
-        mods = {n: importlib.import_module(f"lora_tsd.{n}") for n in names}
-        mods["note"] = ""
-    except ImportError as err:
-        for key in [k for k in sys.modules if k == "lora_tsd" or k.startswith("lora_tsd.")]:
-            del sys.modules[key]
-        spec = importlib.util.find_spec("lora_tsd")
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("lora_tsd not found: run with PYTHONPATH=src from the repository root") from err
-        pkg = types.ModuleType("lora_tsd")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        pkg.__version__ = "unknown"
-        sys.modules["lora_tsd"] = pkg
-        mods = {n: importlib.import_module(f"lora_tsd.{n}") for n in names}
-        mods["note"] = f"`import lora_tsd` failed ({err}); core modules loaded without the package __init__"
-        print("note:", mods["note"], file=sys.stderr)
-    return mods
-
-
-LT = _import_lora_tsd()
-TSDConfig = LT["config"].TSDConfig
-ThinSVD = LT["directions"].ThinSVD
-thin_svd = LT["directions"].thin_svd
-projections = LT["directions"].projections
-TSDLinear = LT["layer"].TSDLinear
-PHASE_PRELAUNCH = LT["layer"].PHASE_PRELAUNCH
-attach = LT["model"].attach
-adapted_layers = LT["model"].adapted_layers
-schedule = LT["schedule"]
-OneLayer = LT["bench"].OneLayer
-set_dash_directions = LT["bench"].set_dash_directions
-with_impl = LT["bench"].with_impl
-IMPLS = LT["bench"].IMPLS
-change_rates = LT["directions"].change_rates
-select_directions = LT["directions"].select_directions
-DenseDashLinear = LT["bench"].DenseDashLinear
+from lora_tsd import adapted_layers, attach, directions  # the core needs only torch, safetensors, numpy
+from lora_tsd import switching as schedule
+from lora_tsd.app.bench.suite import IMPLS, DenseDashLinear, OneLayer, set_dash_directions, with_impl
+from lora_tsd.config import TSDConfig
+from lora_tsd.directions import ThinSVD, change_rates, projections, select_directions, thin_svd
+from lora_tsd.layer import PHASE_PRELAUNCH
 
 MiB = 1024 * 1024
 RESULTS: dict[str, Any] = {"rows": [], "errors": [], "info": {}}
@@ -368,7 +331,7 @@ def _library_svd(w: torch.Tensor) -> tuple[ThinSVD, list[str]]:
         used.append(str(driver))
         return torch.linalg.svd(a, full_matrices=full_matrices, driver=driver)
 
-    return LT["directions"].checked_fast_svd(w, svd_fn=spy), used
+    return directions.checked_fast_svd(w, svd_fn=spy), used
 
 
 def svd_accuracy_section(args: argparse.Namespace, device: torch.device, clock: Clock) -> None:
@@ -406,12 +369,12 @@ def svd_accuracy_section(args: argparse.Namespace, device: torch.device, clock: 
                 in16 = len(set(top.tolist()) & set(ref_top.tolist()))
                 s_err = float(((svd.S - ref_svd.S).abs() / ref_svd.S).max())
                 orth = float((svd.U.T @ svd.U - torch.eye(k, device=device)).abs().max())
-                err = LT["directions"].svd_error(w, svd)
+                err = directions.svd_error(w, svd)
                 name = drv or "default"
                 row = {"section": f"svd accuracy ({n}x{m} fp32, σ 1→{smallest:g}, vs fp64 SVD)", "driver": name,
                        "drivers_called": "+".join(used), "seconds": dt, "top8_same": same8,
                        "top8_in_ref_top16": in16, "max_rel_sigma_err": s_err, "max_UtU_minus_I": orth,
-                       "svd_error": err, "tolerance": LT["directions"].svd_tolerance((n, m))}
+                       "svd_error": err, "tolerance": directions.svd_tolerance((n, m))}
                 RESULTS["rows"].append(row)
                 print(f"  σ→{smallest:g} {name:<8} ({'+'.join(used)}) {dt:6.3f} s  top-8 = ref top-8: {same8}/8, "
                       f"in ref top-16: {in16}/8, max rel σ err {s_err:.1e}, max |UᵀU − I| {orth:.1e}, "
@@ -534,7 +497,7 @@ def switch_section(args: argparse.Namespace, device: torch.device, clock: Clock,
         def default_driver(w: torch.Tensor) -> ThinSVD:
             return ThinSVD(*torch.linalg.svd(w, full_matrices=False))
 
-        with _mock.patch.object(LT["directions"], "checked_fast_svd", default_driver):
+        with _mock.patch.object(directions, "checked_fast_svd", default_driver):
             t_default = interleaved(clock, {"default": cold}, max(2, args.switch_reps), 1)["default"]
         agree = sum(int(torch.equal(a, la.dash_idx)) for a, (_, la) in zip(ref_idx, layers, strict=True))
         RESULTS["rows"].append({"section": "switch with torch's default driver gesvdj (1 LLaMA-7B layer)",
@@ -636,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     peft_ok, hf_ok = _available("peft"), _available("transformers")
     info = {"torch": torch.__version__, "device": str(device), "peft": peft_ok, "transformers": hf_ok,
-            "lora_tsd_import": LT["note"] or "ok", "tiny": args.tiny}
+            "tiny": args.tiny}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(card=props.name, memory_GiB=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count,

@@ -46,7 +46,7 @@ def _cell(row: dict, key: str, fmt: str = "") -> str:
 
 
 def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_tsd.cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "lora_tsd.app.cli", *args], capture_output=True, text=True, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

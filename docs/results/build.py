@@ -336,7 +336,7 @@ def gradient_label(methods: list[str], method: str) -> str | None:
 def variant_differences(grid: str) -> list[dict]:
     """Each ``method:key=value`` variant of a grid minus its reference (the same method with the grid's pre-launch
     protocol) on the same seeds: one record per variant and rank, with the paired mean and 95 % interval."""
-    from lora_tsd.compare import confidence_interval
+    from lora_tsd.app.experiments.compare import confidence_interval
 
     results = load(grid, "results.json")
     if results is None:

@@ -1,5 +1,8 @@
 """lora-tsd: task-specific-direction fine-tuning (LoRA-Dash, LoRA-Init, LoRA-TSD) for any PyTorch model.
 
+This package is the core library: it needs only torch, safetensors and numpy. The command-line application
+lives in :mod:`lora_tsd.app`, which builds on the core and is never imported by it.
+
 Quick use::
 
     import lora_tsd
@@ -9,11 +12,11 @@ Quick use::
     lora_tsd.export_peft(model, "out/peft")  # a plain LoRA adapter for PEFT / vLLM
 """
 
-__version__ = "0.2.0"
-
-from .adapter_io import load_adapter, read_adapter_config, save_adapter  # noqa: E402
-from .config import METHODS, TSDConfig  # noqa: E402
-from .directions import (  # noqa: E402
+from ._version import __version__
+from .adapter_io import load_adapter, read_adapter_config, save_adapter
+from .attaching import attach
+from .config import METHODS, TSDConfig
+from .directions import (
     change_rates,
     overlap,
     projections,
@@ -22,7 +25,7 @@ from .directions import (  # noqa: E402
     tsd_accuracy,
     tsd_recall,
 )
-from .errors import (  # noqa: E402
+from .errors import (
     AdapterFormatError,
     BaseMismatchError,
     ConfigError,
@@ -30,15 +33,17 @@ from .errors import (  # noqa: E402
     TargetError,
     TSDError,
 )
-from .layer import TSDLinear  # noqa: E402
-from .model import adapted_layers, attach, merge, merge_in_place, trainable_parameters, unmerge  # noqa: E402
-from .peft_export import export_peft  # noqa: E402
-from .schedule import gradient_probe, step, switch  # noqa: E402
+from .inject import adapted_layers, trainable_parameters
+from .layer import TSDLinear
+from .merge import merge, merge_in_place, unmerge
+from .peft_export import export_peft
+from .probe import gradient_probe
+from .switching import step, switch
 
 
-def __getattr__(name: str):  # the Trainer callback imports transformers' Trainer machinery lazily
+def __getattr__(name: str):  # the Trainer callback needs transformers: imported on first use only
     if name == "TSDCallback":
-        from .callbacks import TSDCallback
+        from .trainer_callback import TSDCallback
 
         return TSDCallback
     raise AttributeError(f"module 'lora_tsd' has no attribute {name!r}")
@@ -46,8 +51,8 @@ def __getattr__(name: str):  # the Trainer callback imports transformers' Traine
 
 __all__ = [
     "METHODS", "AdapterFormatError", "BaseMismatchError", "ConfigError", "NonFiniteError", "TSDCallback",
-    "TSDConfig", "TSDError", "TSDLinear", "TargetError", "adapted_layers", "attach", "change_rates",
-    "export_peft", "gradient_probe", "load_adapter", "merge", "merge_in_place", "overlap", "projections",
-    "read_adapter_config", "save_adapter", "select_directions", "step", "switch", "thin_svd",
+    "TSDConfig", "TSDError", "TSDLinear", "TargetError", "__version__", "adapted_layers", "attach",
+    "change_rates", "export_peft", "gradient_probe", "load_adapter", "merge", "merge_in_place", "overlap",
+    "projections", "read_adapter_config", "save_adapter", "select_directions", "step", "switch", "thin_svd",
     "trainable_parameters", "tsd_accuracy", "tsd_recall", "unmerge",
 ]

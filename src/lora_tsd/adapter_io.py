@@ -19,13 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .atomic import atomic_write, atomic_write_json, file_sha256
 from .config import TSDConfig
 from .errors import AdapterFormatError, BaseMismatchError, ConfigError, TSDError
 from .fingerprint import fingerprint_hex
-from .layer import PHASE_NAMES, TSDLinear
-from .model import _attach_layers, require_adapters, saved_modules
+from .inject import insert_adapters, remove_adapters, require_adapters, saved_modules
+from .layer import TSDLinear
 from .sharding import full, is_writer
 
 TENSORS_FILE = "tsd_adapter.safetensors"
@@ -42,10 +42,10 @@ def _layer_state(layer: TSDLinear) -> dict[str, torch.Tensor]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter tensor of ``model`` keyed ``<layer name>.<tensor>``, plus ``modules_to_save`` weights."""
-    layers = require_adapters(model, "adapter_state_dict")
-    config = layers[0][1].config
+    adapters = require_adapters(model, "adapter_state_dict")
+    config = adapters.config
     out: dict[str, torch.Tensor] = {}
-    for name, layer in layers:
+    for name, layer in adapters:
         for key, value in _layer_state(layer).items():
             out[f"{name}.{key}"] = full(value)
     for name, module in saved_modules(model, config):
@@ -60,25 +60,24 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     Returns the directory. Refuses a merged model (its base weights no longer match the fingerprints).
     In a distributed run every rank must call it (sharded tensors are gathered); rank 0 writes.
     """
-    layers = require_adapters(model, "save_adapter")
-    config: TSDConfig = layers[0][1].config
-    if any(layer._merged for _, layer in layers):
+    adapters = require_adapters(model, "save_adapter")
+    config: TSDConfig = adapters.config
+    if adapters.any_merged:
         raise ConfigError("the model is merged; call lora_tsd.unmerge(model) before save_adapter")
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     if not is_writer():
         return directory
     atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    first = layers[0][1]
     summary: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "lora_tsd_version": __version__,
         "base_model": base_model_name or _base_model_name(model),
         "config": config.to_dict(),
-        "phase": PHASE_NAMES[int(first.phase)],
-        "optimizer_step": int(first.step),
-        "layers": {name: _layer_summary(layer) for name, layer in layers},
+        "phase": adapters.phase_name,
+        "optimizer_step": adapters.optimizer_step,
+        "layers": {name: _layer_summary(layer) for name, layer in adapters},
         "modules_to_save": [name for name, _ in saved_modules(model, config)],
         "tensors_sha256": file_sha256(directory / TENSORS_FILE),
     }
@@ -138,7 +137,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Modu
         raise AdapterFormatError(f"{directory / CONFIG_FILE}: invalid config: {err}") from None
     tensors = _read_tensors(directory, meta)
     requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
-    _attach_layers(base_model, config)
+    insert_adapters(base_model, config)
     try:
         layers = dict(require_adapters(base_model, "load_adapter"))
         _check_layer_set(layers, meta, directory)
@@ -147,7 +146,9 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Modu
             _load_layer(name, layer, tensors)
         _load_saved_modules(base_model, config, tensors, directory)
     except TSDError:
-        _detach(base_model, requires_grad)  # leave the caller's model as it was given
+        remove_adapters(base_model)  # leave the caller's model as it was given (base weights untouched so far)
+        for name, p in base_model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, True))
         raise
     # Only now, with every check passed, may base weights change.
     for layer in layers.values():
@@ -219,13 +220,3 @@ def _load_saved_modules(model: nn.Module, config: TSDConfig, tensors: dict, dire
             module.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise AdapterFormatError(f"saved module {name!r} in {directory} does not fit the model: {err}") from None
-
-
-def _detach(model: nn.Module, requires_grad: dict[str, bool]) -> None:
-    """Remove freshly attached adapter layers after a failed load (base weights untouched until then)."""
-    for name, layer in require_adapters(model, "_detach"):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
-    for name, p in model.named_parameters():
-        p.requires_grad_(requires_grad.get(name, True))

@@ -196,6 +196,12 @@ class TSDConfig(DictConfig):
         return self.init_estimator == "gradient"
 
     @property
+    def switches_at_attach(self) -> bool:
+        """Whether :func:`lora_tsd.attach` switches at once: selectors that need no training (``top``, ``bottom``,
+        ``random``) with no pre-launch, e.g. PiSSA and MiLoRA."""
+        return self.spec.has_switch and self.prelaunch_steps == 0 and self.init_estimator == "prelaunch"
+
+    @property
     def scaling(self) -> float:
         """The LoRA scale ``alpha / r``."""
         return float(self.alpha) / self.r

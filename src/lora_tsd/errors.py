@@ -2,8 +2,8 @@
 
 Every error a user can trigger derives from :class:`TSDError`, so a command-line front end can turn it
 into a one-line message and a non-zero exit without a traceback. The subclasses also derive from the
-builtin a Python user would expect (``ValueError`` for bad values, ``FileNotFoundError`` for missing
-assets), so ``except ValueError`` keeps working.
+builtin a Python user would expect (``ValueError`` for bad values), so ``except ValueError`` keeps working.
+The application (:mod:`lora_tsd.app`) adds its own subclasses for data and assets.
 """
 
 from __future__ import annotations
@@ -31,11 +31,3 @@ class AdapterFormatError(TSDError, ValueError):
 
 class BaseMismatchError(TSDError, ValueError):
     """An adapter is being loaded onto a base model whose weights differ from the ones it was trained on."""
-
-
-class DataError(TSDError, ValueError):
-    """A dataset or task file is malformed, empty, or has labels out of range."""
-
-
-class AssetNotAvailableError(TSDError, FileNotFoundError):
-    """A model or dataset is neither cached nor reachable; the message says how to get it."""

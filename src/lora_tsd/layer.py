@@ -25,36 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base_layers import base_shape, is_conv1d
 from .config import TSDConfig
 from .directions import ThinSVD
 from .fingerprint import FINGERPRINT_BYTES, fingerprint_tensor, weight_fingerprint
 from .sharding import assign, full
 
-try:  # HF GPT-2 style layer: weight stored (in, out), y = x @ W + b.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency; keep the layer usable without it
-    Conv1D = ()
-
 PHASE_PRELAUNCH = 0
 PHASE_SWITCHED = 1
 PHASE_NAMES = {PHASE_PRELAUNCH: "prelaunch", PHASE_SWITCHED: "switched"}
-
-ADAPTABLE_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
-
-
-def is_adaptable(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer type :class:`TSDLinear` can wrap."""
-    return isinstance(module, ADAPTABLE_TYPES)
-
-
-def base_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` of an adaptable layer, whatever its storage layout."""
-    n_rows, n_cols = module.weight.shape
-    return (n_cols, n_rows) if _is_conv1d(module) else (n_rows, n_cols)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return isinstance(Conv1D, type) and isinstance(module, Conv1D)
 
 
 class TSDLinear(nn.Module):
@@ -118,20 +97,26 @@ class TSDLinear(nn.Module):
     def weight_view(self) -> torch.Tensor:
         """The base weight as an ``(out, in)`` view sharing storage (in-place edits reach the base layer)."""
         w = self.base_layer.weight
-        return w.T if _is_conv1d(self.base_layer) else w
+        return w.T if is_conv1d(self.base_layer) else w
 
     def full_weight(self) -> torch.Tensor:
         """The whole ``(out, in)`` base weight, also when FSDP2 has sharded it (collective then)."""
         w = full(self.base_layer.weight)
-        return w.T if _is_conv1d(self.base_layer) else w
+        return w.T if is_conv1d(self.base_layer) else w
 
     def _set_weight(self, value: torch.Tensor) -> None:
         """Write a whole ``(out, in)`` base weight (each rank keeps its shard under FSDP2)."""
-        assign(self.base_layer.weight, value.T if _is_conv1d(self.base_layer) else value)
+        assign(self.base_layer.weight, value.T if is_conv1d(self.base_layer) else value)
 
     @property
     def is_switched(self) -> bool:
         return int(self.phase) == PHASE_SWITCHED
+
+    @property
+    def optimizer_step(self) -> int:
+        """Optimizer steps counted by :func:`lora_tsd.step` (kept in the ``step`` buffer, whose name is a key of the
+        adapter file format)."""
+        return int(self.step)
 
     def record_base_fingerprint(self) -> None:
         """Store the fingerprint of the (original, pretrained) base weight in its buffer."""

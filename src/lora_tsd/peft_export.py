@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_write, atomic_write_json
+from .base_layers import is_conv1d
 from .errors import ConfigError
-from .layer import _is_conv1d
-from .model import require_adapters, saved_modules
+from .inject import require_adapters, saved_modules
 from .sharding import full, is_writer
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -53,9 +53,9 @@ def export_peft(
     Returns:
         The directory.
     """
-    layers = require_adapters(model, "export_peft")
-    config = layers[0][1].config
-    if any(layer._merged for _, layer in layers):
+    adapters = require_adapters(model, "export_peft")
+    config = adapters.config
+    if adapters.any_merged:
         raise ConfigError("the model is merged; call lora_tsd.unmerge(model) before export_peft")
     factors = peft_factors(model)
     ranks = {A.shape[0] for _, A in factors.values()}
@@ -84,7 +84,7 @@ def export_peft(
         "lora_alpha": rank,
         "lora_dropout": config.dropout,
         "target_modules": sorted(factors),
-        "fan_in_fan_out": any(_is_conv1d(layer.base_layer) for _, layer in layers),
+        "fan_in_fan_out": any(is_conv1d(layer.base_layer) for _, layer in adapters),
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,

@@ -1,0 +1,137 @@
+"""Adapter back ends of the training workflow: this library's methods, and PEFT's DoRA as an external anchor.
+
+The loop talks to one object: attach the adapter, count an optimizer step, report the phase, save, load and
+export. ``TSDBackend`` drives lora/dash/init/tsd/pissa/milora; ``PeftDoraBackend`` runs PEFT's DoRA
+(``use_dora=True``) through the same loop so comparisons share data, schedule and evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lora_tsd.adapter_io import CONFIG_FILE, load_adapter, save_adapter
+from lora_tsd.attaching import attach
+from lora_tsd.config import TSDConfig
+from lora_tsd.errors import AdapterFormatError, ConfigError
+from lora_tsd.inject import adapted_layers, resolve_targets, trainable_parameters
+from lora_tsd.layer import PHASE_NAMES
+from lora_tsd.peft_export import export_peft
+from lora_tsd.probe import gradient_probe
+from lora_tsd.sharding import is_writer
+from lora_tsd.switching import step as tsd_step
+
+EXTERNAL_METHODS = ("dora",)
+
+
+class TSDBackend:
+    """lora-tsd's own adapters (every method of :data:`lora_tsd.METHODS`)."""
+
+    def __init__(self, config: TSDConfig, svd_cache: Path | None = None) -> None:
+        self.config = config
+        self.svd_cache = svd_cache
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        return attach(model, self.config)
+
+    def step(self, core: nn.Module, optimizer: Any) -> bool:
+        return tsd_step(core, optimizer, svd_cache=self.svd_cache)
+
+    @property
+    def needs_probe(self) -> bool:
+        """Whether the method switches before training, on a gradient probe (``init_estimator='gradient'``)."""
+        return self.config.switches_on_probe
+
+    def probe(self, model: nn.Module, batches: Any, loss_fn: Any, optimizer: Any) -> None:
+        gradient_probe(model, batches, loss_fn, optimizer)
+
+    def phase(self, core: nn.Module) -> str:
+        return PHASE_NAMES[int(adapted_layers(core)[0][1].phase)]
+
+    def describe(self, core: nn.Module) -> dict[str, Any]:
+        layers = adapted_layers(core)
+        config = layers[0][1].config
+        return {"adapted_layers": len(layers), "trainable_parameters": trainable_parameters(core),
+                "switch_step": config.prelaunch_steps if config.spec.has_switch else None}
+
+    def save(self, core: nn.Module, out: Path, model_name: str, task_type: str) -> None:
+        save_adapter(core, out / "adapter", base_model_name=model_name)
+        export_peft(core, out / "peft", base_model_name=model_name, task_type=task_type)
+
+    def save_checkpoint_adapter(self, core: nn.Module, directory: Path, model_name: str) -> None:
+        save_adapter(core, directory, base_model_name=model_name)
+
+    def load_checkpoint_adapter(self, model: nn.Module, directory: Path) -> nn.Module:
+        """The base model with the checkpoint's adapter (phase, step and directions included)."""
+        return load_adapter(model, directory)
+
+
+class PeftDoraBackend:
+    """PEFT's DoRA (weight-decomposed LoRA) with the same r, α, dropout and targets; no switch."""
+
+    def __init__(self, config: TSDConfig, svd_cache: Path | None = None) -> None:
+        self.config = config
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        targets = resolve_targets(model, self.config)
+        peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
+                                 target_modules=targets, use_dora=True,
+                                 modules_to_save=self.config.modules_to_save or None)
+        return get_peft_model(model, peft_config)
+
+    needs_probe = False
+
+    def step(self, core: nn.Module, optimizer: Any) -> bool:
+        return False
+
+    def phase(self, core: nn.Module) -> str:
+        return "dora"
+
+    def describe(self, core: nn.Module) -> dict[str, Any]:
+        return {"adapted_layers": len(core.peft_config["default"].target_modules),
+                "trainable_parameters": trainable_parameters(core), "switch_step": None}
+
+    def save(self, core: nn.Module, out: Path, model_name: str, task_type: str) -> None:
+        if is_writer():
+            core.save_pretrained(out / "peft")
+            (out / "adapter").symlink_to("peft", target_is_directory=True)
+
+    def save_checkpoint_adapter(self, core: nn.Module, directory: Path, model_name: str) -> None:
+        if is_writer():
+            core.save_pretrained(directory)
+
+    def load_checkpoint_adapter(self, model: nn.Module, directory: Path) -> nn.Module:
+        """The base model wrapped by PEFT with the checkpoint's DoRA weights, trainable as after ``attach``."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, directory, is_trainable=True)
+
+
+def make_backend(method: str, config: TSDConfig, svd_cache: Path | None = None) -> TSDBackend | PeftDoraBackend:
+    return (PeftDoraBackend if method == "dora" else TSDBackend)(config, svd_cache)
+
+
+def load_any_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a lora-tsd adapter, or a stock PEFT adapter folder (e.g. the DoRA baseline), onto ``model``."""
+    directory = Path(directory)
+    if (directory / CONFIG_FILE).is_file():
+        return load_adapter(model, directory)
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, directory)
+    raise AdapterFormatError(f"{directory} holds neither a lora-tsd adapter ({CONFIG_FILE}) nor a PEFT adapter "
+                             "(adapter_config.json)")
+
+
+def check_method(method: str) -> None:
+    if method in EXTERNAL_METHODS:
+        return
+    from lora_tsd.config import METHODS
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join([*METHODS, *EXTERNAL_METHODS])}")

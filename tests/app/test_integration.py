@@ -1,0 +1,41 @@
+"""Real models on real data (fetched once into the cache): MiniLM learns a BIG-bench slice; SmolLM2 with
+LoRA-Dash switches at the configured optimizer step and `eval` reproduces its summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_tsd.app.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_minilm_accuracy_rises_on_multiemo(tmp_path, capsys):
+    out = tmp_path / "minilm"
+    code = main(["train", "--model", "minilm", "--task", "bigbench:multiemo", "--method", "tsd", "--rank", "8",
+                 "--prelaunch-steps", "20", "--steps", "60", "--lr", "3e-3", "--warmup-steps", "5",
+                 "--max-train", "1000", "--max-eval", "200", "--max-length", "64", "--output-dir", str(out),
+                 "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["metrics_before"]["test"]["accuracy"], summary["metrics_after"]["test"]["accuracy"]
+    assert summary["phase"] == "switched"
+    assert after >= before + 0.1, (before, after)
+
+
+def test_smollm2_dash_on_strategyqa_switches_and_eval_reproduces(tmp_path, capsys):
+    out = tmp_path / "smol"
+    code = main(["train", "--model", "smollm2-135m", "--task", "bigbench:strategyqa", "--method", "dash",
+                 "--rank", "4", "--prelaunch-steps", "3", "--steps", "5", "--batch-size", "4", "--max-train", "40",
+                 "--max-eval", "24", "--max-length", "96", "--eval-batch-size", "16",
+                 "--output-dir", str(out), "--no-progress"])
+    assert code == 0
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "switch"] == [3]
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == summary["metrics_after"]["test"]["accuracy"]
