@@ -8,7 +8,10 @@ properties (``spec.has_dash``), never on method-name strings.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,70 +56,127 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages name the offending value, boundedly."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 12] + f"… ({len(text)} chars)"
+
+
+def _matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the type ``hint`` strictly: a string is never a number, a bool never an int, and a
+    float must be finite."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches_type(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list:
+        item = (typing.get_args(hint) or (Any,))[0]
+        return "a list of strings" if item is str else f"a list of {_type_name(item)}"
+    if hint is float:
+        return "a finite number"
+    return {bool: "true/false", int: "an integer", str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 class DictConfig:
-    """JSON round trip for config dataclasses, refusing unknown keys by name."""
+    """Config dataclasses: strict field types (checked first thing in ``__post_init__`` by :meth:`check_types`),
+    and a JSON round trip that refuses unknown keys by name."""
+
+    def check_types(self) -> None:
+        """Refuse a field whose value has the wrong type, naming the field and the value (a config file's
+        ``"lr": "0.01"`` or ``"bf16": "no"`` is an error, never silently a number or a bool)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _matches_type(value, hints[f.name]):
+                raise ConfigError(f"{f.name} must be {_type_name(hints[f.name])}, got {short_repr(value)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):  # noqa: ANN206 - returns an instance of the subclass
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {cls.__name__} must be a mapping of option names to values, got {short_repr(data)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown config key(s) {', '.join(map(short_repr, unknown))}; known keys: "
+                              f"{', '.join(sorted(known))}")
         return cls(**data)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field whose ``metadata["help"]`` documents it: the one place an option is described (the
+    command line's ``--help`` shows the same text)."""
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return field(metadata={"help": help}, **kwargs)
+
+
+def option_help(cls: type, name: str) -> str:
+    """The help text of option ``name`` of the config dataclass ``cls``."""
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
 
 
 @dataclass
 class TSDConfig(DictConfig):
-    """Hyper-parameters of a TSD adapter (method.md; defaults as there).
+    """Hyper-parameters of a TSD adapter (docs/method.md). Each field's ``metadata["help"]`` documents it.
 
-    Attributes:
-        method: one of ``lora``, ``dash``, ``init``, ``tsd``, ``pissa``, ``milora``.
-        r: LoRA rank.
-        alpha: LoRA α; the LoRA product is scaled by ``alpha / r``. Default ``2·r``.
-        dropout: dropout on the adapter input (shared by the LoRA and dash terms).
-        target_modules: list of module-name suffixes (``["q_proj", "v_proj"]``) or one regex string that
-            must match the full module name. ``None`` picks the usual attention/MLP projections.
-        prelaunch_steps: t, optimizer steps of plain LoRA before the switch. Default 100 where the change rates
-            of a pre-launch rank the directions (``dash``, and ``init``/``tsd`` with ``init_estimator=
-            'prelaunch'``); 0 otherwise: the gradient estimator and the ``top``/``bottom``/``random`` selectors
-            need no pre-launch (the latter switch at attach).
-        dash_directions: s, directions with a trainable dash coefficient (dash, tsd).
-        init_directions: directions LoRA-Init takes into A, B (init, tsd, pissa, milora). Default r.
-        selector: ``tsd`` / ``top`` / ``bottom`` / ``random``; default the method's own.
-        init_estimator: how LoRA-Init and LoRA-TSD rank their directions: ``gradient`` (by the full-weight
-            gradient accumulated by :func:`lora_tsd.gradient_probe` before training, no throw-away steps) or
-            ``prelaunch`` (by the change rate of t steps of LoRA whose A, B are then discarded, the paper's
-            pre-launch). Default ``None``: ``gradient`` for ``init``/``tsd`` with the ``tsd`` selector unless
-            ``prelaunch_steps ≥ 1`` asks for a pre-launch; ``prelaunch`` (the only estimator) for every other
-            method. The default follows docs/results.md: at a fixed step budget the gradient estimator beat
-            the pre-launch on every task measured.
-        dash_placement: ``shared`` (dash on the top-s of the ranking) or ``next`` (on ranks r+1..r+s),
-            LoRA-TSD only.
-        eps: relative ε of the change rate, ``ε = eps · σ_1``.
-        seed: seeds the initialization of A and the ``random`` selector.
-        modules_to_save: names (suffixes) of extra modules trained in full and saved with the adapter,
-            e.g. a classification head.
+    ``None`` defaults are resolved in ``__post_init__`` (``alpha = 2·r``, the method's selector and estimator,
+    ``prelaunch_steps``, ``init_directions = r``); :meth:`given_options` returns the values as they were given,
+    and :meth:`with_options` derives a config from them, so that e.g. another ``r`` keeps ``alpha = 2·r``.
     """
 
-    method: str = "lora"
-    r: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    prelaunch_steps: int | None = None
-    dash_directions: int = DEFAULT_DASH_DIRECTIONS
-    init_directions: int | None = None
-    selector: str | None = None
-    init_estimator: str | None = None
-    dash_placement: str = "shared"
-    eps: float = DEFAULT_EPS
-    seed: int = 0
-    modules_to_save: list[str] = field(default_factory=list)
+    method: str = option("lora", "lora, dash (LoRA-Dash), init (LoRA-Init), tsd (LoRA-TSD), pissa or milora")
+    r: int = option(8, "LoRA rank")
+    alpha: float | None = option(None, "LoRA alpha; the LoRA product is scaled by alpha/r (default 2·r)")
+    dropout: float = option(0.0, "dropout on the adapter input (independent masks for the LoRA and dash terms "
+                                 "after the switch, as in the authors' code)")
+    target_modules: list[str] | str | None = option(
+        None, "module-name suffixes to adapt, or one regex matching the full name (default: per model type, the "
+              "attention and MLP projections)")
+    prelaunch_steps: int | None = option(
+        None, "t: optimizer steps of plain LoRA before the switch (default 100 where a pre-launch ranks the "
+              "directions: dash, and init/tsd with init_estimator prelaunch; 0 for the gradient estimator and the "
+              "top/bottom/random selectors, which switch at once)")
+    dash_directions: int = option(DEFAULT_DASH_DIRECTIONS, "s: directions with a trainable dash coefficient")
+    init_directions: int | None = option(None, "directions LoRA-Init moves into A, B (default r)")
+    selector: str | None = option(None, "direction selector: tsd, top, bottom or random (default: the method's)")
+    init_estimator: str | None = option(
+        None, "how init/tsd rank their directions: gradient (the full-weight gradient of a few batches, switch "
+              "before training; the default) or prelaunch (the change rate of t steps of LoRA, the paper's; the "
+              "default when prelaunch_steps is given)")
+    dash_placement: str = option("shared", "LoRA-TSD: dash on the shared top-s (shared) or on the next s "
+                                           "directions (next)")
+    eps: float = option(DEFAULT_EPS, "relative ε of the change rate: ε = eps·σ₁")
+    seed: int = option(0, "seed of A's initialization and of the random selector")
+    modules_to_save: list[str] = option(help="names (suffixes) of extra modules trained in full and saved with "
+                                             "the adapter, e.g. a classification head", default_factory=list)
 
     def __post_init__(self) -> None:
+        # The values as given, before the defaults below resolve them (not a field: not saved, not compared).
+        self._given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        self.check_types()
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         spec = self.spec
@@ -184,6 +244,19 @@ class TSDConfig(DictConfig):
         self.modules_to_save = list(self.modules_to_save)
 
     # ------------------------------------------------------------------------------------------------
+
+    def given_options(self) -> dict[str, Any]:
+        """The field values as they were passed (``None`` where a default was resolved)."""
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._given.items()}
+
+    def with_options(self, **changes: Any) -> TSDConfig:
+        """A new config from the given values with ``changes``: defaults are resolved again (``alpha = 2·r`` for a
+        new ``r`` unless alpha was given); a new ``method`` also resolves its own selector and estimator."""
+        values = self.given_options()
+        if "method" in changes:
+            for derived in ("selector", "init_estimator"):
+                changes.setdefault(derived, None)
+        return TSDConfig(**{**values, **changes})
 
     @property
     def spec(self) -> MethodSpec:

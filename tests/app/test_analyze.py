@@ -12,7 +12,8 @@ from tiny_assets import make_encoder, sentiment_rows, write_jsonl
 from lora_tsd import TSDConfig, adapted_layers, attach, merge, save_adapter, thin_svd
 from lora_tsd.app.assets.models import load_model
 from lora_tsd.app.cli import main
-from lora_tsd.app.experiments.analyze import capture_scores, layer_spectrum, snapshot_steps
+from lora_tsd.app.experiments.capture import capture_scores, snapshot_steps
+from lora_tsd.app.experiments.spectrum import layer_spectrum
 
 R = 3
 # Per layer (by position in module order) the constructed TSDs, most important first. Set B shares 2 of 3.
@@ -70,7 +71,7 @@ def test_layer_spectrum_recovers_constructed_directions():
 
 
 def test_precision_check_flags_directions_below_fp32_resolution():
-    from lora_tsd.app.experiments.analyze import float64_svd
+    from lora_tsd.app.experiments.spectrum import float64_svd
 
     gen = torch.Generator().manual_seed(3)
     U, _ = torch.linalg.qr(torch.randn(64, 48, generator=gen, dtype=torch.float64))

@@ -8,10 +8,11 @@ import json
 import math
 import statistics
 
+import fault_injection
 import pytest
 from tiny_assets import make_encoder, sentiment_rows, write_jsonl
 
-from lora_tsd.app.cli import main
+from lora_tsd.app.cli import compare_command, main
 from lora_tsd.app.experiments.compare import (
     GridSpec,
     MethodVariant,
@@ -182,7 +183,7 @@ def test_compare_end_to_end_and_resume(tmp_path, assets, capsys):
 
     args = compare_args(assets, out)
     parser_args = _parse(args)
-    half = run_grid(compare.spec_from_args(parser_args), out, train=counting, max_runs=3, say=lambda _: None)
+    half = run_grid(compare_command.spec_from_args(parser_args), out, train=counting, max_runs=3, say=lambda _: None)
     assert (half.trained, half.pending) == (3, 5)
     finished = {p: (out / p / "summary.json").stat().st_mtime_ns for p in
                 [c.split(str(out) + "/")[1] for c in calls]}
@@ -235,7 +236,6 @@ def test_a_killed_grid_run_continues_from_its_checkpoint(tmp_path, assets, capsy
     never checkpointed (so checkpointing is a neutral option: a grid can add it when it is continued)."""
     import os
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -247,8 +247,8 @@ def test_a_killed_grid_run_continues_from_its_checkpoint(tmp_path, assets, capsy
                 "--dash-directions", "2", "--batch-size", "8", "--checkpoint-every", str(checkpoint_every),
                 "--no-plots", "--out", str(out)]
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_TSD_FAULT": "step:4"}
-    killed = subprocess.run([sys.executable, "-m", "lora_tsd.app.cli", *args(tmp_path / "killed")], env=env,
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([*fault_injection.command("step:4"), *args(tmp_path / "killed")], env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run = tmp_path / "killed" / "runs" / compare._slug(f"jsonl:{assets['a']}") / "dash" / "r2" / "lr0.01" / "seed0"

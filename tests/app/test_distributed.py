@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import fault_injection
 import pytest
 import torch
 import torch.distributed as dist
@@ -122,13 +123,12 @@ def test_fsdp2_kill_and_resume_is_bit_identical(tmp_path, every, kill, resumes_f
             "--rank", "4", "--dash-directions", "2", "--prelaunch-steps", "3", "--steps", "7", "--batch-size", "8",
             "--lr", "1e-2", "--dropout", "0.1", "--fsdp", "--checkpoint-every", str(every)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("LORA_TSD_FAULT", None)
 
     def launch(out: str, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "lora_tsd.app.cli", *args, "--output-dir", str(tmp_path / out), *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                              env={**env, "LORA_TSD_FAULT": fault} if fault else env)
+               str(_free_port()), fault_injection.SCRIPT, fault or "-", *args, "--output-dir", str(tmp_path / out),
+               *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
     reference = launch("reference")
     assert reference.returncode == 0, reference.stderr[-3000:]

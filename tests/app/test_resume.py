@@ -7,8 +7,8 @@ import json
 import os
 import random
 import subprocess
-import sys
 
+import fault_injection
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -29,10 +29,7 @@ METHOD_ARGS = ["--method", "tsd", "--dash-directions", "2", "--prelaunch-steps",
 
 def cli(setup, out, *extra, fault=None, check=True, method_args=METHOD_ARGS):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("LORA_TSD_FAULT", None)
-    if fault:
-        env["LORA_TSD_FAULT"] = fault
-    cmd = [sys.executable, "-m", "lora_tsd.app.cli", "train", "--model", str(setup["model"]), "--task",
+    cmd = [*fault_injection.command(fault), "train", "--model", str(setup["model"]), "--task",
            f"jsonl:{setup['task']}", "--output-dir", str(out), "--no-progress", *method_args, "--rank", "4",
            "--steps", str(STEPS), "--batch-size", "8", "--lr", "1e-2", "--dropout", "0.1", "--checkpoint-every", "1",
            "--eval-every", "3", *extra]

@@ -1,6 +1,7 @@
 """``lora-tsd``: train, evaluate, export, and list the embedded models and tasks.
 
-Thin by design: it parses arguments into a :class:`~lora_tsd.train.TrainConfig` and calls the library.
+Thin by design: it parses arguments into a :class:`~lora_tsd.app.workflow.config.TrainConfig` and calls the
+workflow.
 Exit codes: 0 success; 2 command-line misuse (unknown flag or config key, invalid option value, existing
 output folder); 1 bad input data, missing assets or a failed run. Errors print one line, no traceback.
 """
@@ -8,148 +9,28 @@ output folder); 1 bad input data, missing assets or a failed run. Errors print o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import types
-import typing
-from pathlib import Path
 from typing import Any
 
+from lora_tsd.app.cli.options import add_option_flags, load_config_file, option_values
+from lora_tsd.app.workflow.config import TrainConfig
 from lora_tsd.errors import ConfigError, TSDError
 
-TRAIN_HELP: dict[str, str] = {
-    "model": "embedded alias (minilm, smollm2-135m), local model folder, or Hugging Face Hub id",
-    "task": "bigbench:<task>[/<subtask>], reasoning-gym:<generator>, jsonl:<path>, or hf:<dataset>[:<config>]",
-    "output_dir": "run folder (must not exist unless --overwrite)",
-    "overwrite": "replace an existing run folder",
-    "method": "lora, dash (LoRA-Dash), init (LoRA-Init), tsd (LoRA-TSD), pissa, milora, or dora (PEFT's DoRA baseline)",
-    "r": "LoRA rank",
-    "alpha": "LoRA alpha (default 2·r); the update is scaled by alpha/r",
-    "dropout": "dropout on the adapter input",
-    "target_modules": "module-name suffixes to adapt (default: per model type), or one regex",
-    "prelaunch_steps": "t: optimizer steps of plain LoRA before the switch (default 100 for dash and for init/tsd "
-                       "with --init-estimator prelaunch; 0 for the gradient estimator and top/bottom/random)",
-    "dash_directions": "s: directions with a trainable dash coefficient",
-    "init_directions": "directions moved into A, B by LoRA-Init (default r)",
-    "selector": "direction selector: tsd, top, bottom, random (default: the method's)",
-    "init_estimator": "how init/tsd rank their directions: gradient (full-weight gradient of --probe-batches "
-                      "batches, switch before training; the default) or prelaunch (change rate of t steps of "
-                      "LoRA, the paper's; the default when --prelaunch-steps is given)",
-    "dash_placement": "LoRA-TSD: dash on the shared top-s (shared) or the next s directions (next)",
-    "steps": "optimizer steps",
-    "batch_size": "examples per micro-batch",
-    "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate (AdamW, linear warm-up then linear decay)",
-    "weight_decay": "AdamW weight decay",
-    "warmup_steps": "linear warm-up steps",
-    "max_grad_norm": "gradient clipping norm (0 disables)",
-    "bf16": "bf16 autocast (GPU; on CPUs without AVX-512 BF16 it is slower than fp32: 13x per SmolLM2 step on AVX2)",
-    "seed": "seed of initialization, data order, dropout and random selectors",
-    "data_seed": "seed of the train/validation/test split (fixed across training seeds so runs share a test set)",
-    "max_length": "maximum tokens per sequence",
-    "max_train": "cap on training examples",
-    "max_eval": "cap on validation and test examples",
-    "eval_every": "evaluate on the validation split every N optimizer steps (0: only at the end)",
-    "eval_batch_size": "sequences per evaluation batch",
-    "checkpoint_every": "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 are kept)",
-    "probe_batches": "micro-batches of the gradient probe (init/tsd with the gradient estimator switch before "
-                     "training, ranking by the accumulated full-weight gradient)",
-    "skip_nonfinite": "skip optimizer steps whose loss or gradient is NaN/inf (counted in the log) instead of stopping",
-    "progress": "show a progress bar",
-    "svd_cache": "reuse the switch's SVDs from the content-keyed cache in $LORA_TSD_CACHE/svd (changed weights miss; "
-                 "default: on for CPU runs, off on GPUs, where recomputing the SVD is faster than reading it back)",
-    "fsdp": "shard with FSDP2 (fully_shard) when launched on several processes (torchrun / accelerate launch)",
-}
-
-
-# `--r` is ambiguous to launchers that parse abbreviations (torchrun: --rdzv-*, --role, ...): `--rank` works
-# everywhere.
-FLAG_ALIASES = {"r": ["--rank"]}
-
-
-def _field_type(field: dataclasses.Field) -> Any:
-    hint = typing.get_type_hints(_train_config())[field.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if hint is bool:
-        return bool
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if any(typing.get_origin(a) is list for a in args):
-            return list
-        return args[0]
-    return hint
-
-
-def _train_config():
-    from lora_tsd.app.workflow.run import TrainConfig
-
-    return TrainConfig
-
-
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    cls = _train_config()
-    defaults = cls.__dataclass_fields__
-    for field in dataclasses.fields(cls):
-        flags = ["--" + field.name.replace("_", "-"), *FLAG_ALIASES.get(field.name, [])]
-        default = defaults[field.name].default
-        shown = "" if default is dataclasses.MISSING or default is None else f" (default: {default})"
-        kind = _field_type(field)
-        if kind is bool:
-            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=TRAIN_HELP[field.name] + shown)
-        elif kind is list:
-            parser.add_argument(*flags, dest=field.name, nargs="+", default=None, help=TRAIN_HELP[field.name])
-        else:
-            parser.add_argument(*flags, dest=field.name, type=kind, default=None,
-                                help=TRAIN_HELP[field.name] + shown)
-
-
-def _load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        parser.error(f"--config file {path!r} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))  # YAML is a superset of JSON
-    except yaml.YAMLError as err:
-        parser.error(f"--config file {path!r} is not valid YAML/JSON: {err}")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        parser.error(f"--config file {path!r} must hold a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(_train_config())}
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        parser.error(f"unknown key(s) in {path}: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-    if isinstance(data.get("target_modules"), str) and "," in data["target_modules"]:
-        data["target_modules"] = data["target_modules"].split(",")
-    return data
-
-
-def _train_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    cls = _train_config()
-    values: dict[str, Any] = {}
-    if args.config:
-        values.update(_load_config_file(args.config, parser))
-    for field in dataclasses.fields(cls):
-        value = getattr(args, field.name, None)
-        if value is not None:
-            values[field.name] = value
-    tm = values.get("target_modules")
-    if isinstance(tm, list) and len(tm) == 1 and any(c in tm[0] for c in "*()[]|\\^$+?"):
-        values["target_modules"] = tm[0]  # a single regex
-    return cls.from_dict(values)
-
-
 # ----------------------------------------------------------------------------------------- commands
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: the ``--config`` file's options, overridden by the flags given."""
+    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    values.update(option_values(args))
+    return TrainConfig.from_dict(values)
 
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from lora_tsd.app.workflow.run import run_training
 
-    cfg = _train_config_from_args(args, parser)
+    cfg = train_config_from_args(args)
     if args.resume is not None:
         run_training(cfg, resume=True, resume_from=None if args.resume == "latest" else args.resume)
     else:
@@ -221,15 +102,15 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from lora_tsd.app.experiments.compare import main_from_args
+    from lora_tsd.app.cli.compare_command import run_compare
 
-    return main_from_args(args)
+    return run_compare(args)
 
 
 def cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from lora_tsd.app.experiments.analyze import main_from_args
+    from lora_tsd.app.cli.analyze_command import run_analyze
 
-    return main_from_args(args)
+    return run_analyze(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,13 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune a model on a task and export the adapter",
                            description="Fine-tune a model on a task with a TSD method. Options come from flags "
-                                       "and/or --config FILE (YAML or JSON, same names); flags override the file.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                       "and/or --config FILE (YAML or JSON, same names); flags override the file.")
     train.add_argument("--config", help="YAML or JSON file of options (keys as the flags, with _ or -)")
     train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue the run in --output-dir from its newest good checkpoint (or the given "
                             "checkpoint folder); the run's saved options are used")
-    _add_train_flags(train)
+    add_option_flags(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="score a trained run (or a bare base model) on a task split",
@@ -288,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
-    from lora_tsd.app.experiments import analyze, compare
+    from lora_tsd.app.cli import analyze_command, compare_command
 
     cmp = sub.add_parser("compare", help="a resumable grid of methods × seeds × tasks with tables and plots",
                          description="Train every method × seed × task (× rank, × lr sweep) with the train "
@@ -296,14 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "mean ± std and paired differences to the baseline with 95% confidence "
                                      "intervals (results.csv/json/md, PNG plots). Finished runs are skipped on "
                                      "re-invocation.")
-    compare.add_arguments(cmp)
+    compare_command.add_arguments(cmp)
     cmp.set_defaults(func=cmd_compare)
 
     ana = sub.add_parser("analyze", help="change-rate spectra of a fine-tune, TSD overlap, and TSD capture",
                          description="spectrum: per-layer change-rate spectra of an adapter, a run or a fully "
                                      "fine-tuned checkpoint (and the TSD overlap of two); capture: how well LoRA's "
                                      "estimated TSDs match a full fine-tune's along training.")
-    analyze.add_arguments(ana)
+    analyze_command.add_arguments(ana)
     ana.set_defaults(func=cmd_analyze)
     return parser
 

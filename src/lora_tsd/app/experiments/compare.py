@@ -37,7 +37,6 @@ differences, the command), ``results.md`` (the tables), ``accuracy.png`` and ``c
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -174,13 +173,13 @@ class MethodVariant:
         """``dash`` or ``dash:selector=top,dash_directions=4`` (values parsed as YAML scalars)."""
         import yaml
 
-        from lora_tsd.app.workflow.run import TrainConfig
+        from lora_tsd.app.workflow.config import TrainConfig
 
         method, _, rest = text.partition(":")
         method = method.strip()
         if not method:
             raise ConfigError(f"method variant {text!r} has no method name")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        known = set(TrainConfig.option_names())
         overrides = []
         for item in filter(None, (s.strip() for s in rest.split(","))):
             key, eq, value = item.partition("=")
@@ -283,7 +282,7 @@ class RunKey:
 
 def make_config(spec: GridSpec, key: RunKey, out: Path):
     """The run's TrainConfig: spec.base, the variant's overrides, then the grid axes."""
-    from lora_tsd.app.workflow.run import TrainConfig
+    from lora_tsd.app.workflow.config import TrainConfig
 
     values = dict(spec.base)
     values.update(dict(key.variant.overrides))
@@ -331,10 +330,9 @@ def _settings_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 
 def _as_saved(config: dict[str, Any]) -> dict[str, Any]:
     """A run's saved settings, with options added to TrainConfig since then at their default (what it ran with)."""
-    from lora_tsd.app.workflow.run import TrainConfig
+    from lora_tsd.app.workflow.config import TrainConfig
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    return {**defaults, **config}
+    return {**TrainConfig.option_defaults(), **config}
 
 
 def _run_settings_diff(config: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -357,7 +355,7 @@ def resumable_checkpoint(path: Path, cfg: Any) -> Path | None:
     """The checkpoint a killed run continues from: its newest good one, when the grid checkpoints and the folder
     was started with the settings the grid gives it now (else None: the run restarts from scratch)."""
     from lora_tsd.app.workflow.checkpoint import find_checkpoint
-    from lora_tsd.app.workflow.run import RUN_MARKER, read_run_config
+    from lora_tsd.app.workflow.outputs import RUN_MARKER, read_run_config
 
     if not cfg.checkpoint_every or not (path / RUN_MARKER).is_file():
         return None
@@ -602,7 +600,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def collect_runs(spec: GridSpec, out: str | Path) -> list[dict[str, Any]]:
     """One record per finished or failed run of the grid, in grid order: its run folder, else a reused run."""
-    from lora_tsd.app.workflow.run import RUN_MARKER
+    from lora_tsd.app.workflow.outputs import RUN_MARKER
 
     out = Path(out)
     reused = load_reused(out)
@@ -942,75 +940,6 @@ def _make_plots(spec: GridSpec, out: Path, rows, summary, chosen, say) -> list[s
 # ------------------------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser: Any) -> None:
-    """The ``compare`` flags: grid axes as lists, every other TrainConfig field as a fixed option."""
-    import argparse
-
-    from lora_tsd.app.cli.main import TRAIN_HELP, _field_type
-    from lora_tsd.app.workflow.run import TrainConfig
-
-    parser.add_argument("--out", required=True, help="grid folder (runs/, results.csv/json/md, plots)")
-    parser.add_argument("--model", default="minilm", help=TRAIN_HELP["model"] + " (default: minilm)")
-    parser.add_argument("--tasks", nargs="+", default=["bigbench:multiemo"], help="task specs (as train --task)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                        help="methods or variants METHOD[:KEY=VALUE,...], e.g. dash:selector=top "
-                             f"(default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
-    parser.add_argument("--r", "--rank", dest="ranks", nargs="+", type=int, default=[8], help="LoRA ranks")
-    parser.add_argument("--lr", dest="lrs", nargs="+", type=float, default=[1e-3],
-                        help="learning rates: with several, a sweep tuned on validation for every method alike")
-    parser.add_argument("--tune-seeds", nargs="+", type=int, default=None,
-                        help="seeds of the lr sweep (default: all); the other seeds run at the chosen lr only")
-    parser.add_argument("--baseline", default="lora", help="method label of the paired differences")
-    parser.add_argument("--metric", default="accuracy", help="metric to tune and report (accuracy, accuracy_norm)")
-    parser.add_argument("--config", help="YAML/JSON file of fixed train options for every run")
-    parser.add_argument("--max-runs", type=int, default=None, help="train at most this many runs, then report")
-    parser.add_argument("--shard", default="0/1", metavar="I/N",
-                        help="train only every N-th run starting at I (run N processes on one grid folder)")
-    parser.add_argument("--retry-failed", action="store_true", help="train runs that failed before once more")
-    parser.add_argument("--reuse", nargs="+", default=None, metavar="RESULTS_JSON",
-                        help="carry the runs of earlier results.json files of this grid (same model and fixed "
-                             "options) into --out: they count as finished and are reported, not trained again")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing; rewrite the results from runs/ (and the runs carried by --reuse)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    fixed = parser.add_argument_group("fixed train options (the same for every run; see `lora-tsd train -h`)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in GRID_FIELDS:
-            continue
-        kind = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        text, metavar = TRAIN_HELP.get(f.name, ""), f.name.upper()
-        if kind is bool:
-            fixed.add_argument(flag, dest=f"fixed_{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                               help=text)
-        elif kind is list:
-            fixed.add_argument(flag, dest=f"fixed_{f.name}", nargs="+", default=None, help=text, metavar=metavar)
-        else:
-            fixed.add_argument(flag, dest=f"fixed_{f.name}", type=kind, default=None, help=text, metavar=metavar)
-
-
-def spec_from_args(args: Any) -> GridSpec:
-    base: dict[str, Any] = {}
-    if args.config:
-        import yaml
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config file {args.config!r} does not exist")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config file {args.config!r} must hold a mapping of option names to values")
-        base.update({str(k).replace("-", "_"): v for k, v in data.items()})
-    for name, value in vars(args).items():
-        if name.startswith("fixed_") and value is not None:
-            base[name.removeprefix("fixed_")] = value
-    return GridSpec(model=args.model, tasks=list(args.tasks), methods=[MethodVariant.parse(m) for m in args.methods],
-                    seeds=list(args.seeds), ranks=list(args.ranks), lrs=list(args.lrs), tune_seeds=args.tune_seeds,
-                    base=base, baseline=args.baseline, metric=args.metric)
-
-
 def command_line(spec: GridSpec, out: str | Path) -> str:
     """A ``lora-tsd compare`` command that makes exactly this grid (fixed options spelled out as flags)."""
     parts = ["lora-tsd", "compare", "--model", spec.model, "--tasks", *spec.tasks,
@@ -1032,38 +961,3 @@ def command_line(spec: GridSpec, out: str | Path) -> str:
             parts += [flag, str(value)]
     parts += ["--out", str(out)]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def main_from_args(args: Any) -> int:
-    spec = spec_from_args(args)
-    out = Path(args.out)
-    command = command_line(spec, out)
-    if args.reuse:
-        carried, outside = reuse_results(spec, out, args.reuse)
-        print(f"reuse: {carried} run(s) carried into {out / REUSED_FILE}" +
-              (f"; {outside} run(s) of the sources are not part of this grid" if outside else ""))
-    if args.dry_run:
-        reused = load_reused(out)
-        keys = tuning_keys(spec) or [RunKey(t, v, r, spec.lrs[0], s) for t, v, r in groups(spec) for s in spec.seeds]
-        for key in keys:
-            make_config(spec, key, out)
-            status = "reused" if carried_run(key, out, reused) is not None else run_status(key.path(out))
-            print(f"{status:<8} {key.describe()}")
-        if len(spec.lrs) > 1:
-            rest = len(groups(spec)) * (len(spec.seeds) - len(spec.tuning_seeds))
-            print(f"+ {rest} run(s) of the other seeds at each group's chosen lr")
-        return 0
-    if not args.report_only:
-        try:
-            shard = tuple(int(x) for x in args.shard.split("/"))
-            assert len(shard) == 2
-        except (ValueError, AssertionError):
-            raise ConfigError(f"--shard must be I/N, e.g. 0/2, got {args.shard!r}") from None
-        progress = run_grid(spec, out, retry_failed=args.retry_failed, max_runs=args.max_runs, shard=shard)
-        print(f"grid: {progress.trained} trained ({progress.failed} failed), {progress.skipped} already there, "
-              f"{progress.pending} pending; {progress.seconds / 60:.1f} min")
-    results = write_outputs(spec, out, command=command, plots=not args.no_plots)
-    print(markdown_report(spec, results["runs"], results["summary"], results["paired"]).split("\n## Learning")[0])
-    print(f"wrote {out / 'results.csv'}, results.json, results.md" + (f", {', '.join(results['plots'])}"
-                                                                         if results["plots"] else ""))
-    return 0

@@ -16,14 +16,11 @@ from lora_tsd.adapter_io import CONFIG_FILE, load_adapter, save_adapter
 from lora_tsd.attaching import attach
 from lora_tsd.config import TSDConfig
 from lora_tsd.errors import AdapterFormatError, ConfigError
-from lora_tsd.inject import adapted_layers, resolve_targets, trainable_parameters
-from lora_tsd.layer import PHASE_NAMES
+from lora_tsd.inject import require_adapters, resolve_targets, trainable_parameters
 from lora_tsd.peft_export import export_peft
 from lora_tsd.probe import gradient_probe
 from lora_tsd.sharding import is_writer
 from lora_tsd.switching import step as tsd_step
-
-EXTERNAL_METHODS = ("dora",)
 
 
 class TSDBackend:
@@ -48,13 +45,16 @@ class TSDBackend:
         gradient_probe(model, batches, loss_fn, optimizer)
 
     def phase(self, core: nn.Module) -> str:
-        return PHASE_NAMES[int(adapted_layers(core)[0][1].phase)]
+        return require_adapters(core, "phase").phase_name
 
     def describe(self, core: nn.Module) -> dict[str, Any]:
-        layers = adapted_layers(core)
-        config = layers[0][1].config
-        return {"adapted_layers": len(layers), "trainable_parameters": trainable_parameters(core),
+        adapters = require_adapters(core, "describe")
+        config = adapters.config
+        return {"adapted_layers": len(adapters), "trainable_parameters": trainable_parameters(core),
                 "switch_step": config.prelaunch_steps if config.spec.has_switch else None}
+
+    def outputs(self, out: Path) -> dict[str, str]:
+        return {"adapter": str(out / "adapter"), "peft": str(out / "peft")}
 
     def save(self, core: nn.Module, out: Path, model_name: str, task_type: str) -> None:
         save_adapter(core, out / "adapter", base_model_name=model_name)
@@ -95,6 +95,9 @@ class PeftDoraBackend:
         return {"adapted_layers": len(core.peft_config["default"].target_modules),
                 "trainable_parameters": trainable_parameters(core), "switch_step": None}
 
+    def outputs(self, out: Path) -> dict[str, str]:
+        return {"adapter": str(out / "adapter"), "peft": str(out / "peft")}
+
     def save(self, core: nn.Module, out: Path, model_name: str, task_type: str) -> None:
         if is_writer():
             core.save_pretrained(out / "peft")
@@ -109,6 +112,40 @@ class PeftDoraBackend:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, directory, is_trainable=True)
+
+
+class FullFineTuneBackend:
+    """Every parameter trains, no adapter (the reference full fine-tune of ``lora-tsd analyze capture``); the caller
+    keeps the trained model (a loop callback), so nothing is written but the run's log and summary."""
+
+    needs_probe = False
+    config = None
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def step(self, core: nn.Module, optimizer: Any) -> bool:
+        return False
+
+    def phase(self, core: nn.Module) -> str:
+        return "full"
+
+    def describe(self, core: nn.Module) -> dict[str, Any]:
+        return {"adapted_layers": 0, "trainable_parameters": trainable_parameters(core), "switch_step": None}
+
+    def outputs(self, out: Path) -> dict[str, str]:
+        return {}
+
+    def save(self, core: nn.Module, out: Path, model_name: str, task_type: str) -> None:
+        return None
+
+    def save_checkpoint_adapter(self, core: nn.Module, directory: Path, model_name: str) -> None:
+        raise ConfigError("a full fine-tune run has no adapter checkpoints")
+
+    def load_checkpoint_adapter(self, model: nn.Module, directory: Path) -> nn.Module:
+        raise ConfigError("a full fine-tune run cannot be resumed")
 
 
 def make_backend(method: str, config: TSDConfig, svd_cache: Path | None = None) -> TSDBackend | PeftDoraBackend:
@@ -126,12 +163,3 @@ def load_any_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         return PeftModel.from_pretrained(model, directory)
     raise AdapterFormatError(f"{directory} holds neither a lora-tsd adapter ({CONFIG_FILE}) nor a PEFT adapter "
                              "(adapter_config.json)")
-
-
-def check_method(method: str) -> None:
-    if method in EXTERNAL_METHODS:
-        return
-    from lora_tsd.config import METHODS
-
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join([*METHODS, *EXTERNAL_METHODS])}")

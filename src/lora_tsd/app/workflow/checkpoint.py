@@ -33,7 +33,7 @@ from torch import nn
 from lora_tsd.adapter_io import save_adapter
 from lora_tsd.atomic import atomic_write, atomic_write_json, file_sha256, fsync_dir
 from lora_tsd.errors import AdapterFormatError
-from lora_tsd.sharding import full, is_writer
+from lora_tsd.sharding import full, is_writer, rank_and_world
 
 CHECKPOINTS = "checkpoints"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -46,20 +46,13 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
 
 
-def _world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _rng_tensors() -> dict[str, torch.Tensor]:
     """Every rank's RNG states (a collective in a distributed run): dropout draws differ per rank."""
     own = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             own[f"cuda.{i}"] = state
-    rank, world = _world()
+    rank, world = rank_and_world()
     gathered: list[Any] = [own]
     if world > 1:
         gathered = [None] * world
@@ -69,7 +62,7 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
     """This rank's RNG states (rank 0's when the checkpoint came from a run with fewer processes)."""
-    rank, _ = _world()
+    rank, _ = rank_and_world()
     prefix = f"rng.{rank}." if f"rng.{rank}.torch" in tensors else "rng.0."
     torch.set_rng_state(tensors[prefix + "torch"])
     cuda = sorted((k for k in tensors if k.startswith(prefix + "cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
@@ -121,7 +114,7 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     keep: int = 2,
-    fault: Any = None,
+    on_partial: Callable[[int], None] | None = None,
     write_adapter: Callable[[nn.Module, Path], None] | None = None,
 ) -> Path:
     """Write the checkpoint of optimizer step ``step`` atomically; keep the newest ``keep`` (0: keep all).
@@ -139,8 +132,8 @@ def save_checkpoint(
         save_adapter(model, tmp / "adapter", base_model_name=extra.get("model"))
     else:  # e.g. the PEFT DoRA baseline, saved in PEFT's own format
         write_adapter(model, tmp / "adapter")
-    if fault is not None:
-        fault("checkpoint-write", step)  # test hook: a kill in the middle of a checkpoint write
+    if on_partial is not None:
+        on_partial(step)  # a hook half-way through the write (the kill-and-resume tests kill the process here)
     opt_tensors, opt_meta = _split_optimizer_state(model, optimizer)
     tensors = {**opt_tensors, **_rng_tensors()}
     if not writer:

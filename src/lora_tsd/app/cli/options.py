@@ -1,0 +1,134 @@
+"""Command-line options generated from the config dataclasses: one flag per option of
+:class:`~lora_tsd.app.workflow.config.TrainConfig` (the adapter's options included), with the help text of the
+field's metadata and its default stated once; and ``--config`` files (YAML or JSON) with the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from lora_tsd.app.workflow.config import ADAPTER_OPTIONS, TrainConfig
+from lora_tsd.config import TSDConfig, short_repr
+from lora_tsd.errors import ConfigError
+
+# `--r` is ambiguous to launchers that parse abbreviations (torchrun: --rdzv-*, --role, ...): `--rank` works
+# everywhere.
+FLAG_ALIASES = {"r": ["--rank"]}
+REGEX_CHARACTERS = "*()[]|\\^$+?"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One flat training option: its name, value kind (bool, list, or a scalar type), default and help."""
+
+    name: str
+    kind: Any
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _kind(hint: Any) -> Any:
+    """``bool``, ``list`` or the scalar type of a field's type hint (``int | None`` → ``int``)."""
+    if hint is bool:
+        return bool
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if any(typing.get_origin(a) is list for a in args):
+            return list
+        return _kind(args[0])
+    return hint
+
+
+def train_options() -> list[OptionSpec]:
+    """Every flat option of a training run, in the order of ``train_config.json``."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    adapter_fields = {f.name: f for f in dataclasses.fields(TSDConfig)}
+    hints, adapter_hints = typing.get_type_hints(TrainConfig), typing.get_type_hints(TSDConfig)
+    specs = []
+    for name, default in TrainConfig.option_defaults().items():
+        adapter_option = name in ADAPTER_OPTIONS
+        f = adapter_fields[name] if adapter_option else fields[name]
+        hint = adapter_hints[name] if adapter_option else hints[name]
+        specs.append(OptionSpec(name, _kind(hint), default, f.metadata.get("help", "")))
+    specs[[s.name for s in specs].index("method")] = dataclasses.replace(
+        specs[[s.name for s in specs].index("method")],
+        help="lora, dash (LoRA-Dash), init (LoRA-Init), tsd (LoRA-TSD), pissa, milora, or dora (PEFT's DoRA baseline)")
+    return specs
+
+
+def add_option_flags(parser: argparse._ActionsContainer, skip: tuple[str, ...] = (), dest_prefix: str = "",
+                     defaults_shown: bool = True) -> None:
+    """One flag per training option (not in ``skip``), parsed to ``None`` when absent so that a ``--config`` file
+    and the config's own defaults fill in the rest. The help states each default once."""
+    for spec in train_options():
+        if spec.name in skip:
+            continue
+        shown = spec.help
+        if defaults_shown and spec.default is not None and spec.kind is not list:
+            shown += f" (default: {spec.default})"
+        flags = [spec.flag, *FLAG_ALIASES.get(spec.name, [])]
+        dest = dest_prefix + spec.name
+        if spec.kind is bool:
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=shown)
+        elif spec.kind is list:
+            parser.add_argument(*flags, dest=dest, nargs="+", default=None, help=shown, metavar=spec.name.upper())
+        else:
+            parser.add_argument(*flags, dest=dest, type=spec.kind, default=None, help=shown,
+                                metavar=spec.name.upper())
+
+
+def option_values(args: argparse.Namespace, dest_prefix: str = "") -> dict[str, Any]:
+    """The options given as flags (``None`` = not given), with a single regex target kept as a string."""
+    values = {}
+    for spec in train_options():
+        value = getattr(args, dest_prefix + spec.name, None)
+        if value is not None:
+            values[spec.name] = value
+    return normalize_targets(values)
+
+
+def normalize_targets(values: dict[str, Any]) -> dict[str, Any]:
+    """``target_modules``: one flag value with regex characters is a regex; a comma list in a file is a list."""
+    targets = values.get("target_modules")
+    if isinstance(targets, list) and len(targets) == 1 and any(c in targets[0] for c in REGEX_CHARACTERS):
+        values["target_modules"] = targets[0]
+    elif isinstance(targets, str) and "," in targets:
+        values["target_modules"] = [t.strip() for t in targets.split(",")]
+    return values
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The options of a YAML or JSON file (keys as the flags, with ``_`` or ``-``); unknown keys refused."""
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"--config file {path!r} does not exist")
+    if not file.is_file():
+        raise ConfigError(f"--config {path!r} is not a file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config file {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config file {path!r} is not valid YAML/JSON: {short_repr(str(err), 300)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config file {path!r} must hold a mapping of option names to values")
+    known = TrainConfig.option_names()
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(map(short_repr, unknown))}; valid keys: "
+                          f"{', '.join(sorted(known))}")
+    return normalize_targets(data)

@@ -1,0 +1,158 @@
+"""The training run's configuration: :class:`TrainConfig` holds the adapter's :class:`~lora_tsd.TSDConfig` and the
+run's own options (model, task, optimization, data, evaluation, checkpoints).
+
+The command line, ``--config`` files and ``train_config.json`` see one flat mapping: the adapter's options are
+top-level keys (``method``, ``r``, ``alpha``, ...), as they always were. :meth:`TrainConfig.from_dict` and
+:meth:`TrainConfig.to_dict` convert between the flat mapping and the nested config; the adapter's options are
+declared once, by :class:`~lora_tsd.TSDConfig`, with their help text in the field metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from lora_tsd.config import METHODS, DictConfig, TSDConfig, option, short_repr
+from lora_tsd.errors import ConfigError
+
+#: The adapter options a run exposes (the rest of TSDConfig: ``seed`` is the run's seed, ``modules_to_save`` is the
+#: task's head, ``eps`` keeps the library default).
+ADAPTER_OPTIONS = ("method", "r", "alpha", "dropout", "target_modules", "prelaunch_steps", "dash_directions",
+                   "init_directions", "selector", "init_estimator", "dash_placement")
+#: Baselines trained by PEFT instead of a lora-tsd adapter, with the adapter's r, alpha, dropout and targets.
+EXTERNAL_METHODS = ("dora",)
+#: Fields of TrainConfig that are not options of their own (the adapter's options are flattened instead).
+NESTED_FIELDS = ("adapter", "external_method")
+
+
+def default_adapter() -> TSDConfig:
+    """The application's adapter defaults: LoRA-TSD, with the authors' dropout 0.05 (the library's default is 0)."""
+    return TSDConfig(method="tsd", dropout=0.05)
+
+
+@dataclass
+class TrainConfig(DictConfig):
+    """Everything a training run needs. Flags and ``--config`` keys are the flat names of :meth:`option_names`."""
+
+    model: str = option("minilm", "embedded alias (minilm, smollm2-135m), local model folder, or Hugging Face Hub id")
+    task: str = option("bigbench:multiemo", "bigbench:<task>[/<subtask>], reasoning-gym:<generator>, jsonl:<path>, "
+                                            "or hf:<dataset>[:<config>]")
+    output_dir: str = option("runs/minilm-multiemo-tsd", "run folder (must not exist unless --overwrite)")
+    overwrite: bool = option(False, "replace an existing run folder")
+    adapter: TSDConfig = option(help="the adapter (flat options: method, r, alpha, ...)",
+                                default_factory=default_adapter)
+    external_method: str | None = option(None, "a PEFT baseline trained instead of the adapter (from method=dora)")
+    steps: int = option(250, "optimizer steps")
+    batch_size: int = option(16, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(2e-3, "peak learning rate (AdamW, linear warm-up then linear decay)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(25, "linear warm-up steps")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
+    bf16: bool = option(False, "bf16 autocast (GPU; on CPUs without AVX-512 BF16 it is slower than fp32: 13x per "
+                               "SmolLM2 step on AVX2)")
+    seed: int = option(0, "seed of initialization, data order, dropout and random selectors")
+    data_seed: int = option(0, "seed of the train/validation/test split (fixed across training seeds so runs share "
+                               "a test set)")
+    max_length: int = option(128, "maximum tokens per sequence")
+    max_train: int | None = option(None, "cap on training examples")
+    max_eval: int | None = option(500, "cap on validation and test examples")
+    eval_every: int = option(0, "evaluate on the validation split every N optimizer steps (0: only at the end)")
+    eval_batch_size: int = option(64, "sequences per evaluation batch")
+    checkpoint_every: int = option(0, "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 "
+                                      "are kept)")
+    probe_batches: int = option(8, "micro-batches of the gradient probe (init/tsd with the gradient estimator switch "
+                                   "before training, ranking by the accumulated full-weight gradient)")
+    skip_nonfinite: bool = option(False, "skip optimizer steps whose loss or gradient is NaN/inf (counted in the "
+                                         "log) instead of stopping")
+    fsdp: bool = option(False, "shard with FSDP2 (fully_shard) when launched on several processes (torchrun / "
+                               "accelerate launch)")
+    svd_cache: bool | None = option(None, "reuse the switch's SVDs from the content-keyed cache in "
+                                          "$LORA_TSD_CACHE/svd (changed weights miss; default: on for CPU runs, off "
+                                          "on GPUs, where recomputing the SVD is faster than reading it back)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        self.check_types()
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "probe_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be an integer ≥ 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if self.external_method is not None:
+            if self.external_method not in EXTERNAL_METHODS:
+                raise ConfigError(f"unknown external method {self.external_method!r}")
+            if self.adapter.method != "lora":
+                raise ConfigError(f"{self.external_method} takes the adapter options of plain LoRA")
+            if self.fsdp:
+                raise ConfigError(f"--fsdp supports the lora-tsd methods; run the external {self.external_method} "
+                                  "baseline with DDP")
+
+    # ------------------------------------------------------------------------------------------- flat view
+
+    @property
+    def method(self) -> str:
+        """The method the run trains: the adapter's, or the external baseline (``dora``)."""
+        return self.external_method or self.adapter.method
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Every flat option name, in the order of ``train_config.json``."""
+        names: list[str] = []
+        for f in dataclasses.fields(cls):
+            if f.name == "adapter":
+                names += ADAPTER_OPTIONS
+            elif f.name not in NESTED_FIELDS:
+                names.append(f.name)
+        return names
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Every flat option's default as declared (the adapter's unresolved), in the order of :meth:`option_names`."""
+        adapter = default_adapter().given_options()
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        return {name: adapter[name] if name in ADAPTER_OPTIONS else fields[name] for name in cls.option_names()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat mapping: the adapter's options as given (defaults unresolved, so another ``r`` keeps
+        ``alpha = 2·r``), except the estimator, recorded as resolved so a saved run says what ran whatever a later
+        version's default is."""
+        given = self.adapter.given_options()
+        given.update(method=self.method, init_estimator=self.adapter.init_estimator)
+        return {name: (given[name] if name in ADAPTER_OPTIONS else getattr(self, name)) for name in self.option_names()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a training config must be a mapping of option names to values, got "
+                              f"{short_repr(data)}")
+        names = cls.option_names()
+        unknown = sorted(str(k) for k in data if k not in names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(map(short_repr, unknown))}; known keys: "
+                              f"{', '.join(sorted(names))}")
+        values = {k: v for k, v in data.items() if k not in ADAPTER_OPTIONS}
+        adapter_values = {**default_adapter().given_options(), **{k: data[k] for k in ADAPTER_OPTIONS if k in data}}
+        method = adapter_values["method"]
+        if isinstance(method, str) and method not in METHODS and method not in EXTERNAL_METHODS:
+            raise ConfigError(f"unknown method {short_repr(method)}; choose one of "
+                              f"{', '.join([*METHODS, *EXTERNAL_METHODS])}")
+        if method in EXTERNAL_METHODS:
+            values["external_method"] = adapter_values["method"]
+            adapter_values["method"] = "lora"
+        return cls(adapter=TSDConfig(**adapter_values), **values)
+
+    def with_options(self, **changes: Any) -> TrainConfig:
+        """A new config from the flat options with ``changes`` (validated again). A new ``method`` resolves its
+        own estimator unless ``init_estimator`` is among the changes."""
+        if "method" in changes:
+            changes.setdefault("init_estimator", None)
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def tsd_config(self, modules_to_save: list[str] | None = None) -> TSDConfig:
+        """The adapter's config for this run: the run's seed, and the task's head trained in full and saved."""
+        return self.adapter.with_options(seed=self.seed, modules_to_save=list(modules_to_save or []))
