@@ -818,7 +818,7 @@ def run_switch(report: Report, st: Settings, cache_root: Path | None) -> None:
     layers = adapted_layers(model)
     hidden, kv, inter = st.switch_dims
     case = f"{len(layers)} matrices ({st.switch_layers} layers of {hidden}/{kv}/{inter})"
-    workers = schedule._workers(layers[0][1], None)
+    workers = schedule.switch_workers(layers[0][1])
     selected: dict[str, list[torch.Tensor]] = {}
 
     def pooled() -> None:
