@@ -45,7 +45,8 @@ from torch import nn
 
 from lora_tsd import adapted_layers, attach, directions  # the core needs only torch, safetensors, numpy
 from lora_tsd import switching as schedule
-from lora_tsd.app.bench.suite import IMPLS, DenseDashLinear, OneLayer, set_dash_directions, with_impl
+from lora_tsd.app.bench.forward_impls import IMPLS, with_impl
+from lora_tsd.app.bench.workloads import DenseDashLinear, OneLayer, set_dash_directions
 from lora_tsd.config import TSDConfig
 from lora_tsd.directions import ThinSVD, change_rates, projections, select_directions, thin_svd
 from lora_tsd.layer import PHASE_PRELAUNCH
