@@ -19,7 +19,22 @@ from .settings import Settings
 from .steps import compare_steps, layer_step
 
 
-class TwoStepTSDLinear(TSDLinear):
+class _CandidateTSDLinear(TSDLinear):
+    """What every candidate forward shares: the base output, then the adapter's update added by :meth:`add_update`."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self._merged:
+            return result
+        B, A = self.factors()
+        return self.add_update(result, self.dropout(x.to(A.dtype)), B, A)
+
+    def add_update(self, result: torch.Tensor, h: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """``result (…, out)`` plus ``B' (A' h)`` for the dropped-out input ``h (…, in)``."""
+        raise NotImplementedError
+
+
+class TwoStepTSDLinear(_CandidateTSDLinear):
     """The previous ``TSDLinear`` forward, kept for comparison: ``result + B' (A' drop(x))``.
 
     The current forward accumulates with ``torch.addmm(result, A' drop(x), B'ᵀ)`` instead: one ``(tokens, out)``
@@ -27,30 +42,20 @@ class TwoStepTSDLinear(TSDLinear):
     models) and autocast is off.
     """
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self._merged:
-            return result
-        B, A = self.factors()
-        h = self.dropout(x.to(A.dtype))
+    def add_update(self, result: torch.Tensor, h: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         return result + torch.nn.functional.linear(torch.nn.functional.linear(h, A), B).to(result.dtype)
 
 
-class InplaceAddmmTSDLinear(TSDLinear):
+class InplaceAddmmTSDLinear(_CandidateTSDLinear):
     """Candidate forward: as the current ``torch.addmm`` forward but accumulating into the base output in place.
 
     No ``(tokens, out)`` temporary at all. Valid because ``nn.Linear`` / ``Conv1D`` do not save their output
     for backward; a base layer that did would make autograd raise at backward (never a silent error).
     """
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self._merged:
-            return result
-        B, A = self.factors()
-        h = self.dropout(x.to(A.dtype))
+    def add_update(self, result: torch.Tensor, h: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         z = torch.nn.functional.linear(h, A)
-        if result.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type) and result.is_contiguous():
+        if result.dtype == A.dtype and not torch.is_autocast_enabled(h.device.type) and result.is_contiguous():
             result.view(-1, result.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), B.T)
             return result
         return result + torch.nn.functional.linear(z, B).to(result.dtype)

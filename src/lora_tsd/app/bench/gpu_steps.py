@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,26 @@ def weight_dtype(mode: str) -> torch.dtype:
     return torch.float32 if mode == "autocast" else torch.bfloat16
 
 
+def autocast_device(mode: str, device: torch.device) -> str | None:
+    """The device type to run the forward under bf16 autocast on (``autocast`` mode), else ``None``."""
+    return device.type if mode == "autocast" else None
+
+
+def layer_inputs(args: argparse.Namespace, device: torch.device,
+                 dtype: torch.dtype) -> Iterator[tuple[int, int, int, torch.Generator, torch.Tensor, torch.Tensor]]:
+    """Each ``(out, in)`` shape × token count of the layer sections: ``(n, m, tokens, gen, x, g)``.
+
+    ``x (tokens, m)`` is the input and ``g (tokens, n)`` the output gradient, in ``dtype`` on ``device``; ``gen``
+    (seeded per case) goes on to draw the adapters.
+    """
+    for n, m in args.shapes:
+        for tokens in args.tokens:
+            gen = torch.Generator().manual_seed(n + m + tokens)
+            x = torch.randn(tokens, m, generator=gen).to(device, dtype)
+            g = torch.randn(tokens, n, generator=gen).to(device, dtype)
+            yield n, m, tokens, gen, x, g
+
+
 def compare(results: GpuResults, title: str, steps: list[TrainStep], clock: Clock, device: torch.device, reps: int,
             warmup: int, pairs: list[tuple[str, str, str, str]]) -> None:
     """Time ``steps`` interleaved, measure their peak memory, record the ratio rows named in ``pairs``.
@@ -110,63 +131,51 @@ def compare(results: GpuResults, title: str, steps: list[TrainStep], clock: Cloc
 def layer_section(results: GpuResults, args: argparse.Namespace, device: torch.device, clock: Clock, mode: str,
                   peft_ok: bool) -> None:
     """Targets 1 and 2 per layer: dash, lora, dense dash and PEFT's LoRA, each shape and token count."""
-    wdtype = weight_dtype(mode)
-    autocast = device.type if mode == "autocast" else None
-    for n, m in args.shapes:
-        for tokens in args.tokens:
-            gen = torch.Generator().manual_seed(n + m + tokens)
-            x = torch.randn(tokens, m, generator=gen).to(device, wdtype)
-            g = torch.randn(tokens, n, generator=gen).to(device, wdtype)
+    wdtype, autocast = weight_dtype(mode), autocast_device(mode, device)
+    for n, m, tokens, gen, x, g in layer_inputs(args, device, wdtype):
+        def one(method: str, n: int = n, m: int = m, gen: torch.Generator = gen) -> torch.nn.Module:
+            return attach_adapters(OneLayer(n, m).to(device, wdtype), method, ["proj"], args.rank, args.dash, gen)
 
-            def one(method: str, n: int = n, m: int = m, gen: torch.Generator = gen) -> torch.nn.Module:
-                return attach_adapters(OneLayer(n, m).to(device, wdtype), method, ["proj"], args.rank, args.dash, gen)
-
-            steps = [layer_step("lora", one("lora"), x, g, True, autocast),
-                     layer_step("dash", one("dash"), x, g, True, autocast),
-                     layer_step("dense-dash", dense_dash_layer(n, m, args.rank, args.dash, gen, device, wdtype), x, g,
-                                False, autocast)]
-            if peft_ok:
-                peft = peft_lora(OneLayer(n, m).to(device, wdtype), ["proj"], args.rank, gen)
-                steps.append(layer_step("peft-lora", peft, x, g, False, autocast))
-            compare(results, f"{mode} layer {n}x{m} {tokens}tok", steps, clock, device, args.reps, args.warmup,
-                    [("T1 dash/lora", "dash", "lora", "<=1.03 time, <=1.02 mem"),
-                     ("T1 dense-dash/lora", "dense-dash", "lora", ">>1 expected"),
-                     ("T2 ours/peft lora", "lora", "peft-lora", "<=1.02")])
-            del steps
-            free_memory(device)
+        steps = [layer_step("lora", one("lora"), x, g, True, autocast),
+                 layer_step("dash", one("dash"), x, g, True, autocast),
+                 layer_step("dense-dash", dense_dash_layer(n, m, args.rank, args.dash, gen, device, wdtype), x, g,
+                            False, autocast)]
+        if peft_ok:
+            peft = peft_lora(OneLayer(n, m).to(device, wdtype), ["proj"], args.rank, gen)
+            steps.append(layer_step("peft-lora", peft, x, g, False, autocast))
+        compare(results, f"{mode} layer {n}x{m} {tokens}tok", steps, clock, device, args.reps, args.warmup,
+                [("T1 dash/lora", "dash", "lora", "<=1.03 time, <=1.02 mem"),
+                 ("T1 dense-dash/lora", "dense-dash", "lora", ">>1 expected"),
+                 ("T2 ours/peft lora", "lora", "peft-lora", "<=1.02")])
+        del steps
+        free_memory(device)
 
 
 def impl_section(results: GpuResults, args: argparse.Namespace, device: torch.device, clock: Clock,
                  mode: str) -> None:
     """Candidate adapter forwards (:data:`.forward_impls.IMPLS`: current, two-step, in-place addmm), lora and dash."""
-    wdtype = weight_dtype(mode)
-    autocast = device.type if mode == "autocast" else None
-    for n, m in args.shapes:
-        for tokens in args.tokens:
-            gen = torch.Generator().manual_seed(n + m + tokens)
-            x = torch.randn(tokens, m, generator=gen).to(device, wdtype)
-            g = torch.randn(tokens, n, generator=gen).to(device, wdtype)
-            steps: list[TrainStep] = []
-            for method in ("lora", "dash"):
-                for impl in IMPLS:
-                    gen.manual_seed(n + m)  # the same weights and adapters for every candidate
-                    torch.manual_seed(n + m)
-                    model = attach_adapters(OneLayer(n, m).to(device, wdtype), method, ["proj"], args.rank,
-                                            args.dash, gen)
-                    steps.append(layer_step(f"{method}/{impl}", with_impl(model, impl), x, g, True, autocast))
-            pairs = [(f"{meth}: {impl}/current", f"{meth}/{impl}", f"{meth}/current", "report")
-                     for meth in ("lora", "dash") for impl in IMPLS if impl != "current"]
-            pairs += [(f"dash/lora ({impl})", f"dash/{impl}", f"lora/{impl}", "<=1.03") for impl in IMPLS]
-            compare(results, f"{mode} impl {n}x{m} {tokens}tok", steps, clock, device, args.reps, args.warmup, pairs)
-            del steps
-            free_memory(device)
+    wdtype, autocast = weight_dtype(mode), autocast_device(mode, device)
+    for n, m, tokens, gen, x, g in layer_inputs(args, device, wdtype):
+        steps: list[TrainStep] = []
+        for method in ("lora", "dash"):
+            for impl in IMPLS:
+                gen.manual_seed(n + m)  # the same weights and adapters for every candidate
+                torch.manual_seed(n + m)
+                model = attach_adapters(OneLayer(n, m).to(device, wdtype), method, ["proj"], args.rank,
+                                        args.dash, gen)
+                steps.append(layer_step(f"{method}/{impl}", with_impl(model, impl), x, g, True, autocast))
+        pairs = [(f"{meth}: {impl}/current", f"{meth}/{impl}", f"{meth}/current", "report")
+                 for meth in ("lora", "dash") for impl in IMPLS if impl != "current"]
+        pairs += [(f"dash/lora ({impl})", f"dash/{impl}", f"lora/{impl}", "<=1.03") for impl in IMPLS]
+        compare(results, f"{mode} impl {n}x{m} {tokens}tok", steps, clock, device, args.reps, args.warmup, pairs)
+        del steps
+        free_memory(device)
 
 
 def model_section(results: GpuResults, args: argparse.Namespace, device: torch.device, clock: Clock, mode: str,
                   peft_ok: bool) -> None:
     """Whole LLaMA-7B-shaped models (``args.llama_layers`` decoder layers): ours dash and lora, PEFT's LoRA."""
-    wdtype = weight_dtype(mode)
-    autocast = device.type if mode == "autocast" else None
+    wdtype, autocast = weight_dtype(mode), autocast_device(mode, device)
     h, inter, heads, vocab = args.llama
     config = dict(hidden_size=h, intermediate_size=inter, num_hidden_layers=args.llama_layers,
                   num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096)
