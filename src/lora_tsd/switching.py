@@ -100,7 +100,7 @@ def switch(
         raise ConfigError(f"method {config.method!r} resets the optimizer state of {what} at the switch: pass the "
                           "optimizer to lora_tsd.step(model, optimizer)")
     rank, world = rank_and_world()
-    workers = _workers(adapters.first, workers)
+    workers = switch_workers(adapters.first, workers)
     layers = adapters.layers
     ri, s = config.init_size, config.dash_size
     dash_start = ri if (ri and s and config.dash_placement == "next") else 0
@@ -166,8 +166,17 @@ class _InlineExecutor(contextlib.AbstractContextManager):
         return None
 
 
-def _workers(layer: TSDLinear, requested: int | None) -> int:
-    """Layers decomposed at once by one process: 1 on accelerators, else ``requested`` or the thread count."""
+def switch_workers(layer: TSDLinear, requested: int | None = None) -> int:
+    """How many layers one process decomposes at once in :func:`switch`.
+
+    Args:
+        layer: any adapted layer of the model (its device decides the default).
+        requested: the caller's ``workers``; ``None`` for the default.
+
+    Returns:
+        ``requested`` when given (a positive integer, else :class:`ConfigError`); by default 1 on accelerators
+        (the device parallelizes each SVD) and torch's intra-op thread count on CPU.
+    """
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise ConfigError(f"workers must be a positive integer, got {requested!r}")

@@ -96,7 +96,7 @@ def cmd_tasks(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from lora_tsd.app.bench import suite as bench
+    from lora_tsd.app.bench import cli as bench
 
     return bench.main(args.bench_args)
 
