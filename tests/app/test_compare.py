@@ -188,7 +188,7 @@ def test_compare_end_to_end_and_resume(tmp_path, assets, capsys):
     finished = {p: (out / p / "summary.json").stat().st_mtime_ns for p in
                 [c.split(str(out) + "/")[1] for c in calls]}
     # a run killed half-way: started (train_config.json) but no summary.json; it must be restarted
-    killed = out / "runs" / compare._slug(f"jsonl:{assets['b']}") / "dash" / "r2" / "lr0.01" / "seed1"
+    killed = out / "runs" / compare.run_slug(f"jsonl:{assets['b']}") / "dash" / "r2" / "lr0.01" / "seed1"
     killed.mkdir(parents=True)
     atomic_write_json(killed / RUN_MARKER, {"partial": True})
     calls.clear()
@@ -251,7 +251,7 @@ def test_a_killed_grid_run_continues_from_its_checkpoint(tmp_path, assets, capsy
     killed = subprocess.run([*fault_injection.command("step:4"), *args(tmp_path / "killed")], env=env,
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    run = tmp_path / "killed" / "runs" / compare._slug(f"jsonl:{assets['a']}") / "dash" / "r2" / "lr0.01" / "seed0"
+    run = tmp_path / "killed" / "runs" / compare.run_slug(f"jsonl:{assets['a']}") / "dash" / "r2" / "lr0.01" / "seed0"
     assert not (run / "summary.json").exists() and (run / "checkpoints").is_dir()
     assert main(args(tmp_path / "killed")) == 0
     printed = capsys.readouterr().out
