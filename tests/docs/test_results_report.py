@@ -49,9 +49,9 @@ def test_coverage_table_marks_tuned_untuned_and_missing_cells(monkeypatch):
                                          {"task": task, "method": "dash", "r": 2, "lr": 0.003}],
                            "summary": [summary("lora", 2, 5, 0.003), summary("dash", 2, 0, 0.003)]},
     }
-    monkeypatch.setattr(build, "TASK_GRIDS", {"minilm-hyperbaton": "hyperbaton"})
-    monkeypatch.setattr(build, "SWEEP_GRIDS", {"minilm-lrsweep": "minilm-hyperbaton"})
-    monkeypatch.setattr(build, "load", lambda name, file: files.get(name))
+    monkeypatch.setattr(build.inputs, "TASK_GRIDS", {"minilm-hyperbaton": "hyperbaton"})
+    monkeypatch.setattr(build.inputs, "SWEEP_GRIDS", {"minilm-lrsweep": "minilm-hyperbaton"})
+    monkeypatch.setattr(build.inputs, "load", lambda name, file: files.get(name))
     lines = build.coverage_table()
     assert lines[0] == "| method | hyperbaton r=2 | hyperbaton r=8 |"
     rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[1:] for line in lines[2:]}
@@ -70,7 +70,7 @@ def test_smollm2_coverage_lists_every_method_of_the_full_grid_with_its_finished_
         {"task": strategyqa, "method": "lora", "r": 8, "lr": 0.002, "n": 3},
         {"task": strategyqa, "method": "pissa", "r": 8, "lr": 0.002, "n": 0},
         {"task": "bigbench:social_iqa", "method": "dora", "r": 8, "lr": 0.0003, "n": 2}]}}
-    monkeypatch.setattr(build, "load", lambda name, file: files.get(name))
+    monkeypatch.setattr(build.inputs, "load", lambda name, file: files.get(name))
     lines = build.smollm2_coverage()
     assert lines[0] == "| method | strategyqa r=8 | social_iqa r=8 |"
     rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[1:] for line in lines[2:]}
@@ -91,8 +91,8 @@ def test_paper_rows_include_the_tuned_sweep_after_its_untuned_grid(monkeypatch):
 
     files = {"minilm-hyperbaton": {"spec": {"tasks": [task]}, "paired": [paired(-0.002, -0.010, 0.006)]},
              "minilm-lrsweep": {"spec": {"tasks": [task]}, "paired": [paired(-0.030, -0.050, -0.010)]}}
-    monkeypatch.setattr(build, "SWEEP_GRIDS", {"minilm-lrsweep": "minilm-hyperbaton"})
-    monkeypatch.setattr(build, "load", lambda name, file: files.get(name))
+    monkeypatch.setattr(build.inputs, "SWEEP_GRIDS", {"minilm-lrsweep": "minilm-hyperbaton"})
+    monkeypatch.setattr(build.inputs, "load", lambda name, file: files.get(name))
     rows = [line for line in build.paper_section() if line.startswith("| LoRA-Dash beats LoRA")]
     assert len(rows) == 2
     assert f"`{task}`, r = 2, test accuracy" in rows[0] and "−0.2 pp [−1.0, +0.6]" in rows[0]
@@ -113,7 +113,7 @@ def test_variant_differences_in_a_sweep_pair_each_method_at_its_own_chosen_lr(mo
                        "selection": [{"task": task, "method": grad, "r": 2, "lr": 0.001},
                                      {"task": task, "method": pre, "r": 2, "lr": 0.003}],
                        "runs": runs}}
-    monkeypatch.setattr(build, "load", lambda name, file: files.get(name))
+    monkeypatch.setattr(build.inputs, "load", lambda name, file: files.get(name))
     [record] = build.variant_differences("sweep")
     assert (record["variant"], record["base"], record["n"], record["tuned"]) == (grad, pre, 3, True)
     assert abs(record["mean"] - (0.82 - 0.77)) < 1e-12
