@@ -63,8 +63,13 @@ CORE_ONLY = textwrap.dedent("""
     from torch import nn
     import lora_tsd
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    from safetensors.torch import load_file
+
+    def plain_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    model = plain_model()
     x, y = torch.randn(64, 24), torch.randint(0, 4, (64,))
     before = model(x).detach()
     cfg = lora_tsd.TSDConfig(method="dash", r=2, dash_directions=2, prelaunch_steps=3, target_modules=["0", "2"])
@@ -82,6 +87,12 @@ CORE_ONLY = textwrap.dedent("""
     lora_tsd.export_peft(model, out / "peft")
     trained = model(x).detach()
     assert json.loads((out / "peft" / "adapter_config.json").read_text())["r"] == 4  # rank r + s
+    # export_peft writes PEFT's own files without peft installed: lora_A/lora_B of both adapted layers
+    assert sorted(load_file(out / "peft" / "adapter_model.safetensors")) == [
+        f"base_model.model.{i}.lora_{ab}.weight" for i in (0, 2) for ab in "AB"]
+    # the saved adapter, loaded onto a fresh copy of the base model, reproduces the trained outputs
+    reloaded = lora_tsd.load_adapter(plain_model(), out / "adapter")
+    assert torch.equal(reloaded(x), trained)
     lora_tsd.merge(model)
     assert not lora_tsd.adapted_layers(model)
     assert (model(x) - trained).abs().max() < 1e-5
@@ -132,6 +143,7 @@ def test_the_core_works_with_only_torch_safetensors_and_numpy(tmp_path):
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "src")])})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "core-only ok" in proc.stdout
-    blocked = subprocess.run([sys.executable, "-S", "-c", "import transformers"], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(site)})
-    assert blocked.returncode != 0  # the test can fail: nothing else is importable there
+    for name in ("transformers", "peft", "accelerate", "yaml"):  # the test can fail: nothing else is importable
+        blocked = subprocess.run([sys.executable, "-S", "-c", f"import {name}"], capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(site)})
+        assert blocked.returncode != 0, name
