@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lora_tsd.app.experiments.statistics import mean_std  # noqa: E402
+
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -24,13 +26,6 @@ def _save(fig: Any, path: Path, dpi: int = 110) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
 
 
 def plot_accuracy(panels: Sequence[tuple[str, Mapping[str, Sequence[float]]]], labels: Sequence[str], path: Path,
@@ -46,7 +41,7 @@ def plot_accuracy(panels: Sequence[tuple[str, Mapping[str, Sequence[float]]]], l
             color = COLORS[i % len(COLORS)]
             jitter = [i + 0.12 * (j - (len(values) - 1) / 2) / max(1, len(values)) for j in range(len(values))]
             ax.scatter(jitter, values, s=12, color=color, alpha=0.45, zorder=2)
-            mean, std = _mean_std(values)
+            mean, std = mean_std(values)
             ax.errorbar([i], [mean], yerr=[std], fmt="o", color=color, capsize=4, markersize=7, zorder=3)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
