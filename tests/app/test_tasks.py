@@ -404,8 +404,29 @@ def test_reasoning_gym_errors() -> None:
     pytest.importorskip("reasoning_gym")
     with pytest.raises(ConfigError, match="Closest: basic_arithmetic"):
         load_task("reasoning-gym:basic_arithmetc")
-    with pytest.raises(ConfigError, match="generation tasks"):
-        load_task("reasoning-gym:basic_arithmetic@classification")
+    with pytest.raises(ConfigError, match=r"basic_arithmetic has \d+ distinct answer\(s\).*needs 2 to 16"):
+        load_task("reasoning-gym:basic_arithmetic@classification", max_train=50, max_eval=20)
+    with pytest.raises(ConfigError, match="propositional_logic has 1 distinct answer"):
+        load_task("reasoning-gym:propositional_logic@classification", max_train=20, max_eval=10)
+    with pytest.raises(ConfigError, match="generation and a classification view; kind='multiple_choice'"):
+        load_task("reasoning-gym:syllogism@multiple_choice")
+
+
+def test_reasoning_gym_classification_view() -> None:
+    """A closed-answer generator as classification: labels are the sorted answers, texts the questions, and the
+    examples are the generation view's, relabelled (same questions in the same order, no test question trained on)."""
+    pytest.importorskip("reasoning_gym")
+    task = load_task("reasoning-gym:syllogism@classification", seed=3, max_train=60, max_eval=20)
+    generated = load_task("reasoning-gym:syllogism", seed=3, max_train=60, max_eval=20)
+    assert task.kind == "classification" and task.labels == ["No", "Yes"]
+    assert task.name == "reasoning-gym:syllogism@classification"
+    for split in SPLITS:
+        assert [e["text"] for e in task.splits[split]] == [e["prompt"] for e in generated.splits[split]]
+        assert [task.labels[e["label"]] for e in task.splits[split]] == [
+            e["completion"] for e in generated.splits[split]
+        ]
+    assert not {e["text"] for e in task.train} & {e["text"] for e in task.test}
+    assert sum(task.info["label_counts"].values()) == 60
 
 
 # ------------------------------------------------------------------------------------------------------

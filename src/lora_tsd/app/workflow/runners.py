@@ -155,7 +155,8 @@ def check_pair(model_kind: str, task: Any) -> None:
     """A clear error for (model kind, task kind) pairs that cannot work."""
     if model_kind == "encoder" and task.kind != "classification":
         raise ConfigError(f"task {task.name} is a {task.kind.replace('_', '-')} task: encoder models train "
-                          "classification tasks only; use a decoder model (e.g. --model smollm2-135m)")
+                          "classification tasks only; pick a classification view where the source has one (e.g. "
+                          "reasoning-gym:syllogism@classification) or use a decoder model (e.g. --model smollm2-135m)")
 
 
 def make_runner(model_kind: str, task: Any, tokenizer: Any, max_length: int) -> EncoderClassifier | DecoderScorer:

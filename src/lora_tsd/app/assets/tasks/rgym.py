@@ -9,6 +9,12 @@ with few distinct questions may yield fewer (``info["counts"]`` says how many we
 Examples are ``{"prompt": question, "completion": answer, "entry": the reasoning-gym entry}``;
 ``Task.score_generation(pred, example)`` calls the generator's own ``score_answer(pred, entry)``.
 
+``reasoning-gym:<generator>@classification`` is the classification view of a generator whose answers
+come from a small closed set (e.g. ``syllogism``: Yes/No, ``family_relationships``: father, son, ...):
+``{"text": question, "label": index}`` with the labels the sorted distinct answers of all three splits.
+It is what an encoder (``--model minilm``) trains on; a generator with more than ``MAX_CLASSES``
+distinct answers (arithmetic, puzzles) is refused, since its answers are not classes.
+
 Needs ``pip install 'lora-tsd[data]'`` (or ``reasoning-gym==0.1.25``).
 """
 
@@ -23,11 +29,20 @@ from lora_tsd.app.assets.tasks.base import Example, Task, cap_splits, derive_see
 from lora_tsd.app.errors import AssetNotAvailableError
 from lora_tsd.errors import ConfigError
 
-__all__ = ["DEFAULT_EVAL_SIZE", "DEFAULT_TRAIN_SIZE", "load_reasoning_gym_task", "reasoning_gym_names"]
+__all__ = [
+    "DEFAULT_EVAL_SIZE",
+    "DEFAULT_TRAIN_SIZE",
+    "MAX_CLASSES",
+    "load_reasoning_gym_task",
+    "reasoning_gym_names",
+]
 
 DEFAULT_TRAIN_SIZE = 1000
 DEFAULT_EVAL_SIZE = 200
 _REQUIREMENT = "reasoning-gym==0.1.25"
+#: The most distinct answers a generator may have for its classification view: beyond it the answers are
+#: values to compute, not classes to pick.
+MAX_CLASSES = 16
 
 
 def _import_reasoning_gym() -> Any:
@@ -89,8 +104,10 @@ def load_reasoning_gym_task(
     arg: str, *, seed: int, max_train: int | None, max_eval: int | None, kind: str | None
 ) -> Task:
     """Load ``reasoning-gym:<arg>`` (see the module docstring)."""
-    if kind not in (None, "generation"):
-        raise ConfigError(f"reasoning-gym tasks are generation tasks; kind={kind!r} is not available")
+    if kind not in (None, "generation", "classification"):
+        raise ConfigError(
+            f"reasoning-gym tasks have a generation and a classification view; kind={kind!r} is not available"
+        )
     if not arg:
         raise ConfigError("reasoning-gym: needs a generator name, e.g. reasoning-gym:gsm_symbolic")
     _check_name(arg)
@@ -108,10 +125,31 @@ def load_reasoning_gym_task(
         "seeds": {split: derive_seed(seed, split) for split in splits},
         "counts": dict(stats),
     }
-    return Task(
-        name=f"reasoning-gym:{arg}",
-        kind="generation",
-        splits=cap_splits(splits, max_train, max_eval),
-        scorer=_make_scorer(arg),
-        info=info,
-    )
+    name = f"reasoning-gym:{arg}"
+    if kind == "classification":
+        labels, splits = as_classification(name, splits)
+        info["label_counts"] = dict(Counter(labels[e["label"]] for e in splits["train"]))
+        return Task(name=f"{name}@classification", kind="classification",
+                    splits=cap_splits(splits, max_train, max_eval), labels=labels, info=info)
+    return Task(name=name, kind="generation", splits=cap_splits(splits, max_train, max_eval),
+                scorer=_make_scorer(arg), info=info)
+
+
+def as_classification(name: str, splits: dict[str, list[Example]]) -> tuple[list[str], dict[str, list[Example]]]:
+    """The classification view of generated splits: sorted distinct answers as labels, ``{"text", "label"}``.
+
+    Raises:
+        ConfigError: more than ``MAX_CLASSES`` distinct answers, or a single one (nothing to classify).
+    """
+    labels = sorted({example["completion"] for examples in splits.values() for example in examples})
+    if not 2 <= len(labels) <= MAX_CLASSES:
+        shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+        raise ConfigError(
+            f"{name} has {len(labels)} distinct answer(s) ({shown}); its classification view needs 2 to "
+            f"{MAX_CLASSES}: train it as a generation task with a decoder (--model smollm2-135m, task {name})"
+        )
+    index = {label: i for i, label in enumerate(labels)}
+    return labels, {
+        split: [{"text": example["prompt"], "label": index[example["completion"]]} for example in examples]
+        for split, examples in splits.items()
+    }
