@@ -311,8 +311,9 @@ def tuning_keys(spec: GridSpec) -> list[RunKey]:
 
 def run_status(path: Path) -> str:
     """``done`` (summary.json), ``failed`` (failed.json), ``partial`` (started, unfinished) or ``missing``."""
-    if (path / "summary.json").is_file():
-        return "done"
+    if (path / "summary.json").is_file():  # a run killed in its final evaluation says "finished": false
+        finished = json.loads((path / "summary.json").read_text(encoding="utf-8")).get("finished", True)
+        return "done" if finished else "partial"
     if (path / FAILED_FILE).is_file():
         return "failed"
     return "partial" if path.exists() else "missing"
