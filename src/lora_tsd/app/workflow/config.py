@@ -48,7 +48,8 @@ class TrainConfig(DictConfig):
     steps: int = option(250, "optimizer steps")
     batch_size: int = option(16, "examples per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(2e-3, "peak learning rate (AdamW, linear warm-up then linear decay)")
+    lr: float = option(2e-3, "peak learning rate (AdamW, linear warm-up then linear decay); on the command line "
+                             "'auto' first tries --lr-candidates in short runs on validation")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(25, "linear warm-up steps")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")

@@ -116,7 +116,7 @@ def setup(state: LoopState, ckpt: Path | None, svd_cache: Path | None, backend: 
     _build_optimizer(state, model)
     use_best = cfg.best_checkpoint and not state.sharded  # a sharded adapter is not restored in place (yet)
     state.best = BestCheckpoint(state.out / BEST_STATE) if use_best else None
-    state.monitor = CollapseMonitor(cfg.lr, cfg.warmup_steps)
+    state.monitor = CollapseMonitor(cfg.lr, cfg.warmup_steps, cfg.steps)
     if ckpt is not None:
         restored = load_trainer_state(ckpt, model, state.optimizer, state.scheduler)
         if use_best:

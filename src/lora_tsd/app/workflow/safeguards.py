@@ -10,7 +10,12 @@ A collapse is one of:
 - the majority-class rate: validation accuracy within :data:`MAJORITY_MARGIN` of always predicting the most
   frequent label, with at least :data:`MAJORITY_TOP_SHARE` of the predictions on one class;
 - a diverging loss: the mean training loss since the previous evaluation above :data:`LOSS_RATIO` times the mean
-  of the first :data:`LOSS_START_STEPS` steps.
+  of the first :data:`LOSS_START_STEPS` steps;
+
+seen at every evaluation after the warm-up over at least :data:`PATIENCE` of the run's steps (a warning while
+training), and still at the final evaluation (the run collapsed: said at the end and recorded in the summary). The
+patience keeps a run that is slow to leave the untrained model's constant prediction from being warned about too
+early; a run that recovers after a warning is told so at the end.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ MAJORITY_MARGIN = 0.01
 MAJORITY_TOP_SHARE = 0.9
 LOSS_RATIO = 2.0
 LOSS_START_STEPS = 5
+PATIENCE = 0.2
 
 
 def remedy_lr(lr: float) -> float:
@@ -55,26 +61,37 @@ class CollapseMonitor:
 
     lr: float
     warmup_steps: int
+    steps: int
     losses: dict[int, float] = field(default_factory=dict)
     last_eval_step: int = 0
-    collapse: dict[str, Any] | None = None
+    streak_start: int | None = None  # the first evaluation of the current run of collapsed-looking ones
+    warned: int | None = None  # the step of the warning while training
+    collapse: dict[str, Any] | None = None  # set when the final evaluation is still collapsed
 
     def add_loss(self, step: int, loss: float) -> None:
         self.losses[step] = loss
 
     def check(self, step: int, metrics: dict[str, float]) -> str | None:
-        """The console line for a collapse first seen at this evaluation (None: nothing new to say)."""
+        """The console line for a collapse first established at this evaluation (None: nothing new to say)."""
         recent = [v for s, v in self.losses.items() if self.last_eval_step < s <= step]
         self.last_eval_step = step
-        if self.collapse is not None or step <= self.warmup_steps:
+        if step <= self.warmup_steps:
             return None
         start = [self.losses[s] for s in sorted(self.losses)[:LOSS_START_STEPS]]
         reason = collapse_reason(metrics, sum(recent) / len(recent) if recent else None,
                                  sum(start) / len(start) if start else None)
         if reason is None:
+            self.streak_start = None
             return None
-        self.collapse = {"step": step, "reason": reason, "lr": self.lr, "remedy_lr": remedy_lr(self.lr)}
-        return f"warning: collapse at step {step}: {reason}; {self.remedy()}"
+        if self.streak_start is None:
+            self.streak_start = step
+        if step >= self.steps:  # the final evaluation: the run ended collapsed
+            self.collapse = {"step": step, "since_step": self.streak_start, "reason": reason, "lr": self.lr,
+                             "remedy_lr": remedy_lr(self.lr)}
+        if self.warned is not None or step - self.streak_start < PATIENCE * self.steps or step >= self.steps:
+            return None
+        self.warned = step
+        return f"warning: step {step}: validation collapsed since step {self.streak_start}: {reason}; {self.remedy()}"
 
     def remedy(self) -> str:
         return f"lower --lr to {remedy_lr(self.lr):g} (this run: {self.lr:g}) or pass --lr auto"
@@ -82,11 +99,13 @@ class CollapseMonitor:
     def final_message(self, exported_step: int | None) -> str | None:
         """The end-of-run line (None when no collapse was seen)."""
         if self.collapse is None:
+            if self.warned is not None:
+                return f"the collapse warned about at step {self.warned} did not last: validation recovered"
             return None
+        since = self.collapse["since_step"]
         exported = (f"; the exported adapter is step {exported_step}'s, the best validation"
-                    if exported_step is not None and exported_step < self.collapse["step"] else "")
-        return (f"warning: this run collapsed at step {self.collapse['step']} ({self.collapse['reason']}){exported}; "
-                f"{self.remedy()}")
+                    if exported_step is not None and exported_step < since else "")
+        return f"warning: this run collapsed from step {since} ({self.collapse['reason']}){exported}; {self.remedy()}"
 
     def replay(self, records: list[dict[str, Any]]) -> None:
         """Rebuild the state of a resumed run from its metrics log (already cut at the checkpoint's step)."""
