@@ -301,6 +301,7 @@ def finalize(state: LoopState) -> dict[str, Any]:
     if state.main_process:
         summary = _summary(state, after, exported, finished=False)
         atomic_write_json(out / "summary.json", summary)
+    state.callbacks.on_final_test_evaluation(state)
     after["test"] = evaluate_split(state.model, state.runner, state.task.test, cfg, state.device)
     if state.main_process:
         state.log.write({"event": "eval", "step": cfg.steps, "split": "test", **after["test"]})
