@@ -24,6 +24,7 @@ from lora_tsd.adapter_io import adapter_state_dict, restore_adapter_state
 from lora_tsd.app.cli import main
 from lora_tsd.app.workflow.best_checkpoint import BEST_STATE
 from lora_tsd.app.workflow.safeguards import CollapseMonitor, remedy_lr
+from lora_tsd.inject import require_adapters
 
 STEPS = 60
 ARGS = ["--method", "tsd", "--rank", "4", "--dash-directions", "2", "--prelaunch-steps", "5", "--steps", str(STEPS),
@@ -128,13 +129,13 @@ def test_best_state_from_before_the_switch_restores_the_pre_switch_model():
     train_step(model, opt, seed=0)
     lora_tsd.step(model, opt)
     ids = token_batch(7)
+    assert require_adapters(model, "test").phase_name == "prelaunch"
     before, state = logits(model, ids), {k: v.clone() for k, v in adapter_state_dict(model).items()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     for n in range(1, 4):
         train_step(model, opt, seed=n)
         lora_tsd.step(model, opt)
-    assert lora_tsd.attaching.require_adapters(model, "t").phase_name == "switched" if hasattr(
-        lora_tsd, "attaching") else True
+    assert require_adapters(model, "test").phase_name == "switched"
     assert not torch.allclose(logits(model, ids), before)
     restore_adapter_state(model, state)
     assert torch.allclose(logits(model, ids), before, atol=1e-5)
@@ -150,7 +151,8 @@ def test_kill_in_final_evaluation_keeps_the_adapter_and_an_unfinished_summary(as
     assert proc.returncode == -9, proc.stderr[-2000:]
     s = summary(out)
     assert s["finished"] is False and "test" not in s["metrics_after"] and "validation" in s["metrics_after"]
-    assert s["exported"] == {"step": 8, "metric": "accuracy", "validation": s["metrics_after"]["validation"]["accuracy"],
+    validation = s["metrics_after"]["validation"]["accuracy"]
+    assert s["exported"] == {"step": 8, "metric": "accuracy", "validation": validation,
                              "reason": "final step (--no-best-checkpoint)"}
     assert not (out / BEST_STATE).exists()
     assert main(["eval", str(out), "--split", "validation", "--output", str(out / "val.json")]) == 0
@@ -177,8 +179,9 @@ def test_collapse_monitor_texts():
     for step, loss in enumerate([1.0] * 5 + [3.0] * 5, start=1):
         diverging.add_loss(step, loss)
     learning = {"accuracy": 0.8, "top_prediction_share": 0.6, "majority_label_share": 0.5}
+    assert diverging.check(5, learning) is None and diverging.collapse is None
     assert diverging.check(10, learning) is None and diverging.collapse["reason"] == (
-        "the training loss 2 is 2.0x its start 1")
+        "the training loss 3 is 3.0x its start 1")  # the mean since the previous evaluation
     recovered = CollapseMonitor(lr=1.0, warmup_steps=0, steps=10)
     recovered.check(2, constant), recovered.check(4, constant)
     assert recovered.check(10, learning) is None and recovered.collapse is None
