@@ -331,9 +331,9 @@ def _settings_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 
 def _as_saved(config: dict[str, Any]) -> dict[str, Any]:
     """A run's saved settings, with options added to TrainConfig since then at their default (what it ran with)."""
-    from lora_tsd.app.workflow.config import TrainConfig
+    from lora_tsd.app.workflow.config import ABSENT_MEANS, TrainConfig
 
-    return {**TrainConfig.option_defaults(), **config}
+    return {**TrainConfig.option_defaults(), **ABSENT_MEANS, **config}
 
 
 def _run_settings_diff(config: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]]:

@@ -24,6 +24,9 @@ ADAPTER_OPTIONS = ("method", "r", "alpha", "dropout", "target_modules", "prelaun
 EXTERNAL_METHODS = ("dora",)
 #: The learning rates ``--lr auto`` tries by default (short runs on validation; app/experiments/lr_search.py).
 LR_CANDIDATES = (5e-4, 1e-3, 2e-3)
+#: What a config saved before an option existed ran with, where that differs from the option's default: a run
+#: folder or grid cell from before the best validation checkpoint exported its last step.
+ABSENT_MEANS = {"best_checkpoint": False}
 #: Fields of TrainConfig that are not options of their own (the adapter's options are flattened instead).
 NESTED_FIELDS = ("adapter", "external_method")
 

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lora_tsd.app.workflow.config import TrainConfig
+from lora_tsd.app.workflow.config import ABSENT_MEANS, TrainConfig
 from lora_tsd.atomic import atomic_write
 from lora_tsd.errors import ConfigError
 
@@ -60,7 +60,7 @@ def read_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a lora-tsd run folder (no {RUN_MARKER}); pass the output "
                           "directory of `lora-tsd train`")
-    return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    return TrainConfig.from_dict({**ABSENT_MEANS, **json.loads(path.read_text(encoding="utf-8"))})
 
 
 class MetricsLog:
