@@ -324,7 +324,9 @@ def _restore_best(state: LoopState, final_validation: dict[str, Any]) -> dict[st
     """Put the best validation state back into the model (when it is not the last step's); what is exported."""
     cfg, best = state.cfg, state.best
     if best is None or best.step is None:
-        reason = "final step (--no-best-checkpoint)" if not cfg.best_checkpoint else "final step"
+        reason = ("final step (--no-best-checkpoint)" if not cfg.best_checkpoint else
+                  "final step (no best checkpoint for an FSDP2-sharded adapter)" if state.sharded else
+                  "final step (no best state kept)")
         return {"step": cfg.steps, "metric": BEST_METRIC, "validation": final_validation.get(BEST_METRIC),
                 "reason": reason}
     if best.step < cfg.steps:
