@@ -1,6 +1,7 @@
 """``python tests/fault_injection.py POINT:STEP <lora-tsd arguments>``: the ``lora-tsd`` command with a loop callback
 that SIGKILLs the process at ``POINT`` (``step``: before optimizer step STEP computes anything;
-``checkpoint-write``: half-way through writing the checkpoint of step STEP). The kill-and-resume tests run the
+``checkpoint-write``: half-way through writing the checkpoint of step STEP; ``final-eval``: before the final test
+evaluation, after the adapter is written, STEP being the run's last). The kill-and-resume tests run the
 command through this script, so the production loop carries no test hook. ``-`` as POINT:STEP kills nowhere.
 """
 
@@ -30,6 +31,9 @@ class KillAt(LoopCallback):
 
     def on_checkpoint_partial(self, state: Any, step: int) -> None:
         self._maybe_kill("checkpoint-write", step)
+
+    def on_final_test_evaluation(self, state: Any) -> None:
+        self._maybe_kill("final-eval", state.cfg.steps)
 
 
 def command(fault: str | None) -> list[str]:

@@ -54,6 +54,24 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def restore_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put back a state taken by :func:`adapter_state_dict` of the same run, whatever phase either is in.
+
+    Every adapter tensor and buffer comes back (A, B, c, directions, phase, step count, the head), and the base
+    weight follows the phase: a LoRA-Init layer restored to a state from before its switch gets its removed
+    components back, one restored past its switch has them removed again (the base weight changes only there).
+    """
+    adapters = require_adapters(model, "restore_adapter_state")
+    with torch.no_grad():
+        for name, layer in adapters:
+            if layer.config.init_size and layer.is_switched:  # before the buffers holding the components change
+                layer.restore_init_components()
+            _load_layer(name, layer, tensors)
+            if layer.config.init_size and layer.is_switched:
+                layer.remove_init_components()
+        _load_saved_modules(model, adapters.config, tensors, Path("<restored state>"))
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None) -> Path:
     """Write the adapter of ``model`` to ``directory`` (created if needed; files replaced atomically).
 

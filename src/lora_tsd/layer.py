@@ -219,6 +219,11 @@ class TSDLinear(nn.Module):
         w = self.full_weight()
         self._set_weight(w - self.init_component().to(device=w.device, dtype=w.dtype))
 
+    def restore_init_components(self) -> None:
+        """``W ← W + U_T diag(σ_T) V_Tᵀ``: undo :meth:`remove_init_components` (restoring a pre-switch state)."""
+        w = self.full_weight()
+        self._set_weight(w + self.init_component().to(device=w.device, dtype=w.dtype))
+
     # ---------------------------------------------------------------------------------------- merge
 
     def delta_weight(self) -> torch.Tensor:

@@ -75,6 +75,10 @@ def test_kill_and_resume_is_bit_identical(setup, reference, point, step):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics_after"] == ref_summary["metrics_after"]
     assert summary["validation_history"] == ref_summary["validation_history"]
+    # The best validation state travels in the checkpoints: the resumed run exports the same step's state.
+    assert summary["exported"] == ref_summary["exported"] and summary["collapse"] == ref_summary["collapse"]
+    best, ref_best = (load_file(str(run / "best_state.safetensors")) for run in (out, reference))
+    assert best.keys() == ref_best.keys() and all(torch.equal(best[k], ref_best[k]) for k in best)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "step"]
     assert steps == list(range(1, STEPS + 1))  # replayed steps are not logged twice

@@ -20,17 +20,26 @@ from lora_tsd.errors import ConfigError, TSDError
 # ----------------------------------------------------------------------------------------- commands
 
 
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's config: the ``--config`` file's options, overridden by the flags given."""
+def train_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's options: the ``--config`` file's, overridden by the flags given."""
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
     values.update(option_values(args))
-    return TrainConfig.from_dict(values)
+    return values
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: the ``--config`` file's options, overridden by the flags given."""
+    return TrainConfig.from_dict(train_values(args))
 
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lora_tsd.app.cli import lr_auto_command
     from lora_tsd.app.workflow.run import run_training
 
-    cfg = train_config_from_args(args)
+    values = train_values(args)
+    if lr_auto_command.check_flags(args, values):
+        return lr_auto_command.run_lr_auto(args, values)
+    cfg = TrainConfig.from_dict(values)
     if args.resume is not None:
         run_training(cfg, resume=True, resume_from=None if args.resume == "latest" else args.resume)
     else:
@@ -130,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --output-dir from its newest good checkpoint (or the given "
                             "checkpoint folder); the run's saved options are used")
     add_option_flags(train)
+    from lora_tsd.app.cli import lr_auto_command
+
+    lr_auto_command.add_arguments(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="score a trained run (or a bare base model) on a task split",

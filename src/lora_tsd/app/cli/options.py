@@ -20,6 +20,22 @@ from lora_tsd.errors import ConfigError
 # everywhere.
 FLAG_ALIASES = {"r": ["--rank"]}
 REGEX_CHARACTERS = "*()[]|\\^$+?"
+#: ``--lr auto``: search the learning rate (app/experiments/lr_search.py) instead of giving one.
+LR_AUTO = "auto"
+
+
+def lr_or_auto(text: str) -> float | str:
+    """The ``--lr`` flag's value: a number, or ``auto``."""
+    if text == LR_AUTO:
+        return LR_AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a number or 'auto'") from None
+
+
+#: Flags whose values parse otherwise than their field's type.
+FLAG_TYPES = {"lr": lr_or_auto}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +98,7 @@ def add_option_flags(parser: argparse._ActionsContainer, skip: tuple[str, ...] =
         elif spec.kind is list:
             parser.add_argument(*flags, dest=dest, nargs="+", default=None, help=shown, metavar=spec.name.upper())
         else:
-            parser.add_argument(*flags, dest=dest, type=spec.kind, default=None, help=shown,
+            parser.add_argument(*flags, dest=dest, type=FLAG_TYPES.get(spec.name, spec.kind), default=None, help=shown,
                                 metavar=spec.name.upper())
 
 

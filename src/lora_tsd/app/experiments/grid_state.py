@@ -26,8 +26,9 @@ REUSED_FILE = "reused.json"
 
 def run_status(path: Path) -> str:
     """``done`` (summary.json), ``failed`` (failed.json), ``partial`` (started, unfinished) or ``missing``."""
-    if (path / "summary.json").is_file():
-        return "done"
+    if (path / "summary.json").is_file():  # a run killed in its final evaluation says "finished": false
+        finished = json.loads((path / "summary.json").read_text(encoding="utf-8")).get("finished", True)
+        return "done" if finished else "partial"
     if (path / FAILED_FILE).is_file():
         return "failed"
     return "partial" if path.exists() else "missing"
@@ -45,9 +46,9 @@ def settings_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 
 def _as_saved(config: dict[str, Any]) -> dict[str, Any]:
     """A run's saved settings, with options added to TrainConfig since then at their default (what it ran with)."""
-    from lora_tsd.app.workflow.config import TrainConfig
+    from lora_tsd.app.workflow.config import ABSENT_MEANS, TrainConfig
 
-    return {**TrainConfig.option_defaults(), **config}
+    return {**TrainConfig.option_defaults(), **ABSENT_MEANS, **config}
 
 
 def run_settings_diff(config: dict[str, Any], cfg: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from lora_tsd.adapter_io import CONFIG_FILE, load_adapter, save_adapter
+from lora_tsd.adapter_io import CONFIG_FILE, adapter_state_dict, load_adapter, restore_adapter_state, save_adapter
 from lora_tsd.attaching import attach
 from lora_tsd.config import TSDConfig
 from lora_tsd.errors import AdapterFormatError, ConfigError
@@ -67,6 +68,13 @@ class TSDBackend:
         """The base model with the checkpoint's adapter (phase, step and directions included)."""
         return load_adapter(model, directory)
 
+    def trained_state(self, core: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Everything training changed (adapter tensors, buffers, head), for the best validation checkpoint."""
+        return {k: v.detach().cpu().clone() for k, v in adapter_state_dict(core).items()}
+
+    def restore_trained_state(self, core: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        restore_adapter_state(core, tensors)
+
 
 class PeftDoraBackend:
     """PEFT's DoRA (weight-decomposed LoRA) with the same r, α, dropout and targets; no switch."""
@@ -113,6 +121,16 @@ class PeftDoraBackend:
 
         return PeftModel.from_pretrained(model, directory, is_trainable=True)
 
+    def trained_state(self, core: nn.Module) -> dict[str, torch.Tensor] | None:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(core).items()}
+
+    def restore_trained_state(self, core: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(core, tensors)
+
 
 class FullFineTuneBackend:
     """Every parameter trains, no adapter (the reference full fine-tune of ``lora-tsd analyze capture``); the caller
@@ -146,6 +164,12 @@ class FullFineTuneBackend:
 
     def load_checkpoint_adapter(self, model: nn.Module, directory: Path) -> nn.Module:
         raise ConfigError("a full fine-tune run cannot be resumed")
+
+    def trained_state(self, core: nn.Module) -> dict[str, torch.Tensor] | None:
+        return None  # the caller keeps the trained model itself: no best checkpoint
+
+    def restore_trained_state(self, core: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        raise ConfigError("a full fine-tune run has no best checkpoint")
 
 
 def make_backend(method: str, config: TSDConfig, svd_cache: Path | None = None) -> TSDBackend | PeftDoraBackend:

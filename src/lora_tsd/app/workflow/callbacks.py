@@ -27,6 +27,9 @@ class LoopCallback:
     def on_checkpoint_partial(self, state: Any, step: int) -> None:
         """Half-way through writing the checkpoint of ``step`` (adapter written, trainer state not yet)."""
 
+    def on_final_test_evaluation(self, state: Any) -> None:
+        """After the adapter and the unfinished summary are written, before the final test evaluation."""
+
     def on_train_end(self, state: Any, summary: dict[str, Any]) -> None:
         """After the final evaluation and the outputs (rank 0 gets the summary; other ranks an empty dict)."""
 
@@ -61,6 +64,10 @@ class CallbackList(LoopCallback):
     def on_checkpoint_partial(self, state: Any, step: int) -> None:
         for cb in self.callbacks:
             cb.on_checkpoint_partial(state, step)
+
+    def on_final_test_evaluation(self, state: Any) -> None:
+        for cb in self.callbacks:
+            cb.on_final_test_evaluation(state)
 
     def on_train_end(self, state: Any, summary: dict[str, Any]) -> None:
         for cb in self.callbacks:

@@ -39,6 +39,7 @@ CHECKPOINTS = "checkpoints"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 MANIFEST = "manifest.json"
+EXTRA = "extra."
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -116,12 +117,14 @@ def save_checkpoint(
     keep: int = 2,
     on_partial: Callable[[int], None] | None = None,
     write_adapter: Callable[[nn.Module, Path], None] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint of optimizer step ``step`` atomically; keep the newest ``keep`` (0: keep all).
 
     In a distributed run every rank must call it (sharded adapter and optimizer tensors and every rank's RNG
     states are gathered); rank 0 writes. ``write_adapter(model, folder)`` replaces the lora-tsd adapter
-    format (the PEFT DoRA baseline saves its own).
+    format (the PEFT DoRA baseline saves its own). ``extra_tensors`` (keys prefixed ``extra.``) are stored with
+    the trainer state and come back in :attr:`TrainerState.extra_tensors` (the best validation state).
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".partial")
@@ -135,7 +138,8 @@ def save_checkpoint(
     if on_partial is not None:
         on_partial(step)  # a hook half-way through the write (the kill-and-resume tests kill the process here)
     opt_tensors, opt_meta = _split_optimizer_state(model, optimizer)
-    tensors = {**opt_tensors, **_rng_tensors()}
+    tensors = {**opt_tensors, **_rng_tensors(),
+               **{EXTRA + k: v.contiguous().cpu() for k, v in (extra_tensors or {}).items()}}
     if not writer:
         return final
     atomic_write(tmp / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
@@ -223,6 +227,7 @@ def _forget_stateless(path: Path, optimizer: torch.optim.Optimizer, saved_groups
 class TrainerState:
     step: int
     meta: dict[str, Any]
+    extra_tensors: dict[str, torch.Tensor]
 
 
 def load_trainer_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
@@ -253,4 +258,5 @@ def load_trainer_state(path: Path, model: nn.Module, optimizer: torch.optim.Opti
         _forget_stateless(path, optimizer, state_dict["param_groups"], stateless)
     scheduler.load_state_dict(meta["scheduler"])
     _restore_rng(tensors)
-    return TrainerState(step=int(meta["step"]), meta=meta)
+    return TrainerState(step=int(meta["step"]), meta=meta,
+                        extra_tensors={k.removeprefix(EXTRA): v for k, v in tensors.items() if k.startswith(EXTRA)})

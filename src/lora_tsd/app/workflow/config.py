@@ -22,6 +22,11 @@ ADAPTER_OPTIONS = ("method", "r", "alpha", "dropout", "target_modules", "prelaun
                    "init_directions", "selector", "init_estimator", "dash_placement")
 #: Baselines trained by PEFT instead of a lora-tsd adapter, with the adapter's r, alpha, dropout and targets.
 EXTERNAL_METHODS = ("dora",)
+#: The learning rates ``--lr auto`` tries by default (short runs on validation; app/experiments/lr_search.py).
+LR_CANDIDATES = (5e-4, 1e-3, 2e-3)
+#: What a config saved before an option existed ran with, where that differs from the option's default: a run
+#: folder or grid cell from before the best validation checkpoint exported its last step.
+ABSENT_MEANS = {"best_checkpoint": False}
 #: Fields of TrainConfig that are not options of their own (the adapter's options are flattened instead).
 NESTED_FIELDS = ("adapter", "external_method")
 
@@ -46,7 +51,8 @@ class TrainConfig(DictConfig):
     steps: int = option(250, "optimizer steps")
     batch_size: int = option(16, "examples per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(2e-3, "peak learning rate (AdamW, linear warm-up then linear decay)")
+    lr: float = option(2e-3, "peak learning rate (AdamW, linear warm-up then linear decay); on the command line "
+                             "'auto' first tries --lr-candidates in short runs on validation")
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(25, "linear warm-up steps")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
@@ -58,7 +64,8 @@ class TrainConfig(DictConfig):
     max_length: int = option(128, "maximum tokens per sequence")
     max_train: int | None = option(None, "cap on training examples")
     max_eval: int | None = option(500, "cap on validation and test examples")
-    eval_every: int = option(0, "evaluate on the validation split every N optimizer steps (0: only at the end)")
+    eval_every: int | None = option(None, "evaluate on the validation split every N optimizer steps (default: "
+                                          "steps//10, at least 1; 0: only at the end)")
     eval_batch_size: int = option(64, "sequences per evaluation batch")
     checkpoint_every: int = option(0, "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 "
                                       "are kept)")
@@ -71,6 +78,8 @@ class TrainConfig(DictConfig):
     svd_cache: bool | None = option(None, "reuse the switch's SVDs from the content-keyed cache in "
                                           "$LORA_TSD_CACHE/svd (changed weights miss; default: on for CPU runs, off "
                                           "on GPUs, where recomputing the SVD is faster than reading it back)")
+    best_checkpoint: bool = option(True, "export the adapter of the best validation evaluation (accuracy), not the "
+                                         "last step's (as transformers' load_best_model_at_end)")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -79,7 +88,7 @@ class TrainConfig(DictConfig):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer ≥ 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
@@ -91,6 +100,11 @@ class TrainConfig(DictConfig):
             if self.fsdp:
                 raise ConfigError(f"--fsdp supports the lora-tsd methods; run the external {self.external_method} "
                                   "baseline with DDP")
+
+    @property
+    def eval_interval(self) -> int:
+        """Optimizer steps between validation evaluations (0: only at the end): ``eval_every``, else steps//10."""
+        return self.eval_every if self.eval_every is not None else max(1, self.steps // 10)
 
     # ------------------------------------------------------------------------------------------- flat view
 

@@ -20,6 +20,7 @@ import torch
 
 from lora_tsd import __version__
 from lora_tsd.app.workflow.backends import make_backend
+from lora_tsd.app.workflow.best_checkpoint import BEST_METRIC, BEST_STATE, BestCheckpoint
 from lora_tsd.app.workflow.callbacks import CallbackList
 from lora_tsd.app.workflow.checkpoint import load_trainer_state, save_checkpoint
 from lora_tsd.app.workflow.config import TrainConfig
@@ -32,6 +33,8 @@ from lora_tsd.app.workflow.loading import (
     load_for_run,
 )
 from lora_tsd.app.workflow.outputs import METRICS_FILE, MetricsLog
+from lora_tsd.app.workflow.safeguards import CollapseMonitor
+from lora_tsd.atomic import atomic_write_json
 from lora_tsd.errors import ConfigError, NonFiniteError
 from lora_tsd.sharding import full
 
@@ -62,6 +65,8 @@ class LoopState:
     resumed_from: Path | None = None
     log: MetricsLog | None = None
     bar: Any = None
+    best: BestCheckpoint | None = None  # None: --no-best-checkpoint (or an FSDP2-sharded run)
+    monitor: CollapseMonitor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -109,8 +114,14 @@ def setup(state: LoopState, ckpt: Path | None, svd_cache: Path | None, backend: 
     if state.sharded:
         shard_model(model)
     _build_optimizer(state, model)
+    use_best = cfg.best_checkpoint and not state.sharded  # a sharded adapter is not restored in place (yet)
+    state.best = BestCheckpoint(state.out / BEST_STATE) if use_best else None
+    state.monitor = CollapseMonitor(cfg.lr, cfg.warmup_steps, cfg.steps)
     if ckpt is not None:
         restored = load_trainer_state(ckpt, model, state.optimizer, state.scheduler)
+        if use_best:
+            state.best = BestCheckpoint.from_checkpoint(state.out / BEST_STATE, restored.meta.get("best"),
+                                                        restored.extra_tensors, state.main_process)
         state.before = restored.meta["metrics_before"]
         state.skipped = int(restored.meta.get("skipped_steps", 0))
         state.first_step, state.resumed_from = restored.step + 1, ckpt
@@ -163,6 +174,7 @@ def _open_log(state: LoopState) -> None:
         return
     if state.resumed_from is not None:
         state.log.truncate_after(state.first_step - 1)
+        state.monitor.replay(state.log.read())
         return
     state.log.write({"event": "start", "method": state.cfg.method, **state.backend.describe(state.core)})
     if state.backend.needs_probe:
@@ -218,6 +230,7 @@ def after_step(state: LoopState, step: int, outcome: StepOutcome) -> None:
         state.bar.update(1)
         return
     phase, lr = state.backend.phase(state.core), state.scheduler.get_last_lr()[0]
+    state.monitor.add_loss(step, outcome.loss)
     if state.main_process:
         log.write({"event": "step", "step": step, "loss": outcome.loss, "lr": lr, "phase": phase})
         if outcome.switched:
@@ -226,18 +239,32 @@ def after_step(state: LoopState, step: int, outcome: StepOutcome) -> None:
         state.bar.write(f"switch at optimizer step {step}: {cfg.method} selected its directions")
     state.bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}", phase=phase)
     state.bar.update(1)
-    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+    if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
         metrics = evaluate_split(state.model, state.runner, state.task.validation, cfg, state.device)
         if state.main_process:
             log.write({"event": "eval", "step": step, "split": "validation", **metrics})
-            state.bar.write(f"step {step}: validation {format_metrics(metrics)}")
+        _watch_validation(state, step, metrics, state.bar.write)
     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:  # every rank: a collective
+        best = state.best or BestCheckpoint(state.out / BEST_STATE)
         save_checkpoint(state.out, step, state.core, state.plain_optimizer, state.scheduler,
                         on_partial=lambda s: state.callbacks.on_checkpoint_partial(state, s),
                         write_adapter=lambda m, d: state.backend.save_checkpoint_adapter(m, d, cfg.model),
-                        extra={"model": cfg.model, "metrics_before": state.before, "skipped_steps": state.skipped})
+                        extra={"model": cfg.model, "metrics_before": state.before, "skipped_steps": state.skipped,
+                               "best": best.checkpoint_meta()},
+                        extra_tensors=best.checkpoint_tensors())
     state.callbacks.on_step_end(state, step)
     state.accelerator.wait_for_everyone()
+
+
+def _watch_validation(state: LoopState, step: int, metrics: dict[str, Any], say: Callable[[str], None]) -> None:
+    """After a validation evaluation: print it, keep the best state, and warn (once) of a collapse."""
+    kept = state.best is not None and state.best.consider(
+        step, metrics, lambda: state.backend.trained_state(state.core), state.main_process)
+    if state.main_process:
+        say(f"step {step}: validation {format_metrics(metrics)}{' (best so far)' if kept else ''}")
+    warning = state.monitor.check(step, metrics)
+    if warning is not None and state.main_process:
+        say(warning)
 
 
 def train_steps(state: LoopState) -> None:
@@ -259,22 +286,33 @@ def train_steps(state: LoopState) -> None:
 
 
 def finalize(state: LoopState) -> dict[str, Any]:
-    """Evaluate on validation and test, write the adapter and its PEFT export, the log and ``summary.json``."""
+    """Evaluate on validation, restore the best validation state, write the adapter and its PEFT export and a
+    ``summary.json`` saying ``"finished": false``; then evaluate on test and finish the summary. A run killed in
+    its final test evaluation keeps its adapter, and its summary says the evaluation did not finish."""
     cfg, out = state.cfg, state.out
-    after = {split: evaluate_split(state.model, state.runner, getattr(state.task, split), cfg, state.device)
-             for split in ("validation", "test")}
-    summary: dict[str, Any] = {}
+    validation = evaluate_split(state.model, state.runner, state.task.validation, cfg, state.device)
+    if state.main_process:
+        state.log.write({"event": "eval", "step": cfg.steps, "split": "validation", **validation})
+    _watch_validation(state, cfg.steps, validation, state.say)
+    after, exported = {"validation": validation}, _restore_best(state, validation)
     task_type = "SEQ_CLS" if state.kind == "encoder" else "CAUSAL_LM"
     state.backend.save(state.core, out, cfg.model, task_type)  # every rank; rank 0 writes
+    summary: dict[str, Any] = {}
     if state.main_process:
-        for split, metrics in after.items():
-            state.log.write({"event": "eval", "step": cfg.steps, "split": split, **metrics})
-        summary = _summary(state, after)
-        from lora_tsd.atomic import atomic_write_json
-
+        summary = _summary(state, after, exported, finished=False)
+        atomic_write_json(out / "summary.json", summary)
+    state.callbacks.on_final_test_evaluation(state)
+    after["test"] = evaluate_split(state.model, state.runner, state.task.test, cfg, state.device)
+    if state.main_process:
+        state.log.write({"event": "eval", "step": cfg.steps, "split": "test", **after["test"]})
+        summary = _summary(state, after, exported, finished=True)
         atomic_write_json(out / "summary.json", summary)
         state.say(f"trained {cfg.method} r={cfg.adapter.r} for {cfg.steps} steps in {summary['wall_time_s']:.0f} s: "
+                  f"validation {format_metrics(after['validation'])} (step {exported['step']}), "
                   f"test {format_metrics(after['test'])} (untrained {format_metrics(state.before['test'])})")
+        warning = state.monitor.final_message(exported["step"])
+        if warning is not None:
+            state.say(warning)
         if "peft" in summary["outputs"]:
             state.say(f"outputs in {out}: adapter/, peft/ (stock PEFT LoRA), summary.json, metrics.jsonl")
     state.callbacks.on_train_end(state, summary)
@@ -282,7 +320,28 @@ def finalize(state: LoopState) -> dict[str, Any]:
     return summary
 
 
-def _summary(state: LoopState, after: dict[str, Any]) -> dict[str, Any]:
+def _restore_best(state: LoopState, final_validation: dict[str, Any]) -> dict[str, Any]:
+    """Put the best validation state back into the model (when it is not the last step's); what is exported."""
+    cfg, best = state.cfg, state.best
+    if best is None or best.step is None:
+        reason = ("final step (--no-best-checkpoint)" if not cfg.best_checkpoint else
+                  "final step (no best checkpoint for an FSDP2-sharded adapter)" if state.sharded else
+                  "final step (no best state kept)")
+        return {"step": cfg.steps, "metric": BEST_METRIC, "validation": final_validation.get(BEST_METRIC),
+                "reason": reason}
+    if best.step < cfg.steps:
+        state.backend.restore_trained_state(state.core, best.tensors)
+        state.say(f"restored the best validation checkpoint: step {best.step}, validation "
+                  f"{format_metrics(best.metrics)} (step {cfg.steps}: {format_metrics(final_validation)})")
+        final_validation.clear()
+        final_validation.update(best.metrics)
+    else:
+        state.say(f"the last step is the best validation checkpoint: step {best.step}, validation "
+                  f"{format_metrics(best.metrics)}")
+    return {"step": best.step, "metric": BEST_METRIC, "validation": best.metric, "reason": "best validation"}
+
+
+def _summary(state: LoopState, after: dict[str, Any], exported: dict[str, Any], finished: bool) -> dict[str, Any]:
     cfg, task, out = state.cfg, state.task, state.out
     described = state.backend.describe(state.core)
     history = [{k: v for k, v in r.items() if k not in ("event", "split")} for r in state.log.read()
@@ -298,7 +357,10 @@ def _summary(state: LoopState, after: dict[str, Any]) -> dict[str, Any]:
         "switch_step": described["switch_step"],
         "phase": state.backend.phase(state.core),
         "metrics_before": state.before,
-        "metrics_after": after,
+        "metrics_after": dict(after),
+        "finished": finished,
+        "exported": exported,
+        "collapse": state.monitor.collapse,
         "validation_history": history,
         "skipped_steps": state.skipped,
         "resumed_from": str(state.resumed_from) if state.resumed_from is not None else None,

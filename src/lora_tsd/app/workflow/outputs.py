@@ -7,7 +7,11 @@ Layout::
     <output_dir>/checkpoints/step-N  resumable checkpoints (adapter, optimizer, scheduler, RNG states)
     <output_dir>/adapter/            the final adapter (lora-tsd format, with the classification head)
     <output_dir>/peft/               the same adapter as a stock PEFT LoRA adapter
-    <output_dir>/summary.json        config, data and model identity, metrics before/after, time, memory
+    <output_dir>/summary.json        config, data and model identity, metrics before/after, time, memory; what
+                                     was exported ("exported"), a collapse, "finished" (false until the final
+                                     test evaluation completes)
+    <output_dir>/best_state.safetensors  the best validation state (restored at the end; best_checkpoint.py)
+    <output_dir>/lr_search/          the trial runs of --lr auto (app/experiments/lr_search.py)
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lora_tsd.app.workflow.config import TrainConfig
+from lora_tsd.app.workflow.config import ABSENT_MEANS, TrainConfig
 from lora_tsd.atomic import atomic_write
 from lora_tsd.errors import ConfigError
 
@@ -26,16 +30,25 @@ RUN_MARKER = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 
 
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> bool:
+    """Refuse an existing non-empty folder unless ``overwrite`` (and then only a run folder); True if it must be
+    replaced. Changes nothing."""
+    out = Path(path)
+    if not (out.exists() and any(out.iterdir())):
+        return False
+    if not overwrite:
+        raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite "
+                          "to replace it or choose another --output-dir")
+    if not (out / RUN_MARKER).is_file():
+        raise ConfigError(f"--overwrite refuses to delete {str(out)!r}: it is not a lora-tsd run folder "
+                          f"(no {RUN_MARKER})")
+    return True
+
+
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Create the run folder; refuse an existing non-empty one unless ``overwrite`` (and then only a run folder)."""
     out = Path(path)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite "
-                              "to replace it or choose another --output-dir")
-        if not (out / RUN_MARKER).is_file():
-            raise ConfigError(f"--overwrite refuses to delete {str(out)!r}: it is not a lora-tsd run folder "
-                              f"(no {RUN_MARKER})")
+    if check_output_dir(out, overwrite):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -47,7 +60,7 @@ def read_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a lora-tsd run folder (no {RUN_MARKER}); pass the output "
                           "directory of `lora-tsd train`")
-    return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    return TrainConfig.from_dict({**ABSENT_MEANS, **json.loads(path.read_text(encoding="utf-8"))})
 
 
 class MetricsLog:

@@ -71,8 +71,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         return loop.finalize(state)
     except BaseException:
         # A new run that fails before its first checkpoint leaves nothing behind; one with checkpoints keeps them
-        # (and its log) for --resume.
-        if not resume and accelerator.is_main_process and not list_checkpoints(out):
+        # (and its log) for --resume; one that failed in its final evaluation keeps its adapter and summary.
+        if (not resume and accelerator.is_main_process and not list_checkpoints(out)
+                and not (out / "summary.json").is_file()):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
