@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from lora_tsd.app.workflow import loop
+from lora_tsd.app.workflow import loop, preflight
 from lora_tsd.app.workflow.backends import load_any_adapter
 from lora_tsd.app.workflow.callbacks import CallbackList, LoopCallback
 from lora_tsd.app.workflow.checkpoint import find_checkpoint, list_checkpoints
 from lora_tsd.app.workflow.config import EXTERNAL_METHODS, TrainConfig
 from lora_tsd.app.workflow.loading import evaluate_split, load_for_run
-from lora_tsd.app.workflow.outputs import RUN_MARKER, prepare_output_dir, read_run_config
+from lora_tsd.app.workflow.outputs import RUN_MARKER, new_run_folder, prepare_output_dir, read_run_config
 from lora_tsd.atomic import atomic_write_json
 from lora_tsd.errors import ConfigError
 from lora_tsd.peft_export import export_peft
@@ -53,7 +53,14 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
 
     started = time.time()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if cfg.output_dir is None:
+        if resume:
+            raise ConfigError("--resume needs --output-dir: the run folder to continue")
+        cfg = cfg.with_options(output_dir=_agreed_new_run_folder(cfg, accelerator))
     out = Path(cfg.output_dir)
+    if accelerator.is_main_process and not resume:
+        print(f"run folder: {out}", flush=True)
+        preflight.emit(preflight.option_warnings(cfg))
     ckpt = None
     if resume:
         cfg = read_run_config(out).with_options(progress=cfg.progress)
@@ -63,7 +70,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         prepare_output_dir(out, cfg.overwrite)
         atomic_write_json(out / RUN_MARKER, cfg.to_dict())
     accelerator.wait_for_everyone()
-    state = loop.LoopState(cfg, out, accelerator, CallbackList(callbacks), started)
+    state = loop.LoopState(cfg, out, accelerator, CallbackList([preflight.DataPreflight(), *callbacks]), started)
     svd_cache = cache_dir() if use_svd_cache(cfg.svd_cache, accelerator.device) else None
     try:
         loop.setup(state, ckpt, svd_cache, backend, loader)
@@ -75,6 +82,17 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         if not resume and accelerator.is_main_process and not list_checkpoints(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _agreed_new_run_folder(cfg: TrainConfig, accelerator: Any) -> str:
+    """A fresh default run folder, chosen by the main process and shared with the others (a folder the main
+    process creates first must not send another rank to the next number)."""
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [str(new_run_folder(cfg)) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    return str(chosen[0])
 
 
 def evaluate_run(run_dir: str | None, model: str | None = None, task: str | None = None,
