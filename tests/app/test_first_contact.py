@@ -3,7 +3,9 @@ do what they say."""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 
 import pytest
 from tiny_assets import make_encoder, sentiment_rows, write_jsonl
@@ -49,6 +51,19 @@ def test_identical_runs_get_numbered_folders(tmp_path, assets, capsys, monkeypat
     for folder, printed in runs:
         assert (tmp_path / folder / "summary.json").is_file()
         assert f"outputs in {folder}:" in printed.out  # where the outputs went, at the end
+
+
+def test_run_files_are_written_with_the_mode_of_any_new_file(tmp_path, assets, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        folder, _ = run_default_folder(assets, capsys, "--checkpoint-every", "1")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert len(files) > 8
+    assert {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == \
+        {str(p.relative_to(tmp_path)): "0o644" for p in files}
 
 
 def test_resume_without_a_folder_is_refused(tmp_path, assets, capsys, monkeypatch):
