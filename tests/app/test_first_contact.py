@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tiny_assets import make_encoder, sentiment_rows, write_jsonl
@@ -132,3 +135,46 @@ def test_a_run_that_never_switches_warns_at_start(tmp_path, assets, capsys):
         "trains plain LoRA; raise --steps above 100 or lower --prelaunch-steps below 3",
         "the training split has 48 examples, fewer than --batch-size 64: every batch repeats examples; lower "
         "--batch-size to at most 48 or give more data"]
+
+
+# ------------------------------------------------------------------------------------------- quiet console
+
+OUR_LINES = re.compile(r"^(run folder: |untrained |gradient probe |trained |outputs in |lora-tsd train: warning: |"
+                       r"tsd r=8: )")
+
+
+def console_of(assets, tmp_path, *extra):
+    """stdout + stderr of a ``lora-tsd train`` process (logging and warnings filters are per process)."""
+    command = [sys.executable, "-m", "lora_tsd.app.cli", "train", "--model", str(assets["encoder"]), "--task",
+               f"jsonl:{assets['cls']}", "--steps", "2", "--warmup-steps", "0", "--batch-size", "8", "--max-eval",
+               "8", "--output-dir", str(tmp_path / "run"), *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "LORA_TSD_VERBOSE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2] / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run(command, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "default"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def test_the_default_console_has_only_our_lines_and_verbose_restores_the_rest(tmp_path, assets):
+    quiet = console_of(assets, tmp_path / "quiet")
+    lines = [line for line in re.split(r"[\r\n]+", quiet) if line.strip()]
+    assert [line for line in lines if not OUR_LINES.match(line)] == []
+    for noise in ("LOAD REPORT", "Consider training on your downstream task", "Loading weights",
+                  "Writing model shards", "Warning", "warn("):
+        assert noise not in quiet
+    verbose = console_of(assets, tmp_path / "verbose", "--verbose")
+    assert "LOAD REPORT" in verbose and "Consider training on your downstream task" in verbose
+    assert "Loading weights" in verbose
+
+
+def test_pip_output_is_kept_back_unless_verbose(capsys, monkeypatch):
+    from lora_tsd.app.assets.download_cache import _run_streaming
+
+    command = [sys.executable, "-c", "print('Looking in indexes: mirror'); print('Saved ./x.whl')"]
+    monkeypatch.delenv("LORA_TSD_VERBOSE", raising=False)
+    assert _run_streaming(command) == (0, ["Looking in indexes: mirror", "Saved ./x.whl"])
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LORA_TSD_VERBOSE", "1")
+    assert _run_streaming(command)[0] == 0
+    assert capsys.readouterr().err == "Looking in indexes: mirror\nSaved ./x.whl\n"

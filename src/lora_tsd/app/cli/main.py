@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from lora_tsd.app.cli.console import add_verbose_flag, configure_console
 from lora_tsd.app.cli.options import add_option_flags, load_config_file, option_values
 from lora_tsd.app.workflow.config import TrainConfig
 from lora_tsd.errors import ConfigError, TSDError
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --output-dir from its newest good checkpoint (or the given "
                             "checkpoint folder); the run's saved options are used")
     add_option_flags(train)
+    add_verbose_flag(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="score a trained run (or a bare base model) on a task split",
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default: the run's bf16; off for a bare model)")
     ev.add_argument("--output", help="also write the result as JSON to this file")
+    add_verbose_flag(ev)
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a run's adapter as a stock PEFT adapter or a merged model",
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--merged", action="store_true", help="write a merged full model instead of an adapter")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_verbose_flag(ex)
     ex.set_defaults(func=cmd_export)
 
     models = sub.add_parser("models", help="list the embedded models (size, cached or not)",
@@ -188,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "intervals (results.csv/json/md, PNG plots). Finished runs are skipped on "
                                      "re-invocation.")
     compare_command.add_arguments(cmp)
+    add_verbose_flag(cmp)
     cmp.set_defaults(func=cmd_compare)
 
     ana = sub.add_parser("analyze", help="change-rate spectra of a fine-tune, TSD overlap, and TSD capture",
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_console(verbose=getattr(args, "verbose", False))
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # for error messages
     try:
         return int(args.func(args, sub_parser) or 0)
