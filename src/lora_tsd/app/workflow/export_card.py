@@ -9,7 +9,6 @@ says so, because a user loading the Hub's weights would not get the model the ad
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
