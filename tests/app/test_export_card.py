@@ -56,8 +56,9 @@ def test_exports_name_their_base_labels_and_carry_a_card(tmp_path, named_task, c
                  "--output-dir", str(run)]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "peft")]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0
-    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(named_task["encoder"].resolve())
+    for peft_folder in (tmp_path / "peft", run / "peft"):  # `lora-tsd export` and the run's own PEFT export
+        adapter_config = json.loads((peft_folder / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == str(named_task["encoder"].resolve())
     merged = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged["id2label"] == {"0": "negative", "1": "positive"}
     assert merged["label2id"] == {"negative": 0, "positive": 1}
