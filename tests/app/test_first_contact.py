@@ -148,7 +148,11 @@ def console_of(assets, tmp_path, *extra):
     command = [sys.executable, "-m", "lora_tsd.app.cli", "train", "--model", str(assets["encoder"]), "--task",
                f"jsonl:{assets['cls']}", "--steps", "2", "--warmup-steps", "0", "--batch-size", "8", "--max-eval",
                "8", "--output-dir", str(tmp_path / "run"), *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "LORA_TSD_VERBOSE")}
+    # What an earlier in-process `main()` of the quiet console put into this process's environment must not reach
+    # the command: each run decides for itself.
+    leaked = ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+              "LORA_TSD_VERBOSE")
+    env = {k: v for k, v in os.environ.items() if k not in leaked}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2] / "src"), env.get("PYTHONPATH", "")])
     done = subprocess.run(command, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "default"},
                           timeout=300)
