@@ -20,6 +20,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        # mkstemp creates the file 0600; the result gets the mode any new file gets (0644 under umask 022).
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -27,6 +29,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         tmp_path.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: Path) -> None:

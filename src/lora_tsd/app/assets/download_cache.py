@@ -263,11 +263,13 @@ def _pip_download_into(requirement: str, sdist: bool, tmp: Path, downloads: Path
 def _run_streaming(command: list[str]) -> tuple[int, list[str]]:
     """Run ``command`` with its output on our stderr; return its exit status and last output lines.
 
-    On a terminal pip inherits it, so it draws its own progress bar. Elsewhere (logs, CI, pytest) its
-    output is relayed line by line, which also lets a failure message quote pip's explanation.
+    By default pip's output is kept back (our own lines say what is downloaded and when it is done; a failure
+    message quotes pip's last lines). With ``--verbose`` (``$LORA_TSD_VERBOSE=1``) pip inherits a terminal, so it
+    draws its own progress bar, and elsewhere (logs, CI, pytest) its output is relayed line by line.
     """
+    relay = os.environ.get("LORA_TSD_VERBOSE", "") == "1"  # set by lora_tsd.app.cli.console for --verbose
     try:
-        if sys.stderr.isatty():
+        if relay and sys.stderr.isatty():
             completed = subprocess.run(command, stdout=sys.stderr.fileno(), check=False)
             return completed.returncode, []
         tail: deque[str] = deque(maxlen=15)
@@ -276,7 +278,8 @@ def _run_streaming(command: list[str]) -> tuple[int, list[str]]:
         ) as process:
             assert process.stdout is not None
             for line in process.stdout:
-                sys.stderr.write(line)
+                if relay:
+                    sys.stderr.write(line)
                 tail.append(line.rstrip())
         return process.returncode, list(tail)
     except OSError as error:  # the interpreter itself could not be started

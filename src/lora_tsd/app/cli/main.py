@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from lora_tsd.app.cli.console import add_verbose_flag, configure_console
 from lora_tsd.app.cli.options import add_option_flags, load_config_file, option_values
 from lora_tsd.app.workflow.config import TrainConfig
 from lora_tsd.errors import ConfigError, TSDError
@@ -98,7 +99,7 @@ def cmd_tasks(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     for row in rows:
-        extras = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("name", "description"))
+        extras = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("name", "description", "cached"))
         print(f"{row['name']:<40} {row.get('description', '')}  [{extras}]")
     print("\nAlso: jsonl:<path> (text/label, input/choices/label or prompt/completion) and hf:<dataset>[:<config>].")
     return 0
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lora_tsd.app.cli import lr_auto_command
 
     lr_auto_command.add_arguments(train)
+    add_verbose_flag(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="score a trained run (or a bare base model) on a task split",
@@ -151,11 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="base model (default: the run's); alone with --task: score the bare model")
     ev.add_argument("--task", help="task spec (default: the run's)")
     ev.add_argument("--adapter", help="adapter folder (default: <run>/adapter)")
-    ev.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split to score")
-    ev.add_argument("--max-eval", type=int, default=None, help="cap on evaluation examples")
-    ev.add_argument("--eval-batch-size", type=int, default=None, help="sequences per batch")
-    ev.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
+    ev.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                    help="split to score (default: test)")
+    ev.add_argument("--max-eval", type=int, default=None,
+                    help="cap on evaluation examples (default: the run's max_eval; 500 for a bare model)")
+    ev.add_argument("--eval-batch-size", type=int, default=None,
+                    help="sequences per batch (default: the run's eval_batch_size; 64 for a bare model)")
+    ev.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: the run's bf16; off for a bare model)")
     ev.add_argument("--output", help="also write the result as JSON to this file")
+    add_verbose_flag(ev)
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a run's adapter as a stock PEFT adapter or a merged model",
@@ -165,17 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--merged", action="store_true", help="write a merged full model instead of an adapter")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_verbose_flag(ex)
     ex.set_defaults(func=cmd_export)
 
-    models = sub.add_parser("models", help="list the embedded models (size, cached or not)")
+    models = sub.add_parser("models", help="list the embedded models (size, cached or not)",
+                            description="List the embedded models: alias, kind, parameters, whether the weights are "
+                                        "already in the cache ($LORA_TSD_CACHE) and their size there.")
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(func=cmd_models)
 
-    tasks = sub.add_parser("tasks", help="list the embedded tasks")
+    tasks = sub.add_parser("tasks", help="list the embedded tasks (downloadable or already extracted)",
+                           description="List the embedded tasks: kind, examples and where the data is: "
+                                       "extracted (in the cache, ready offline), downloaded (the source archive is in "
+                                       "the cache, the task is extracted on first use), download (fetched from PyPI "
+                                       "on first use) or generated (seeded generators, nothing to fetch).")
     tasks.add_argument("--json", action="store_true", help="machine-readable output")
     tasks.set_defaults(func=cmd_tasks)
 
-    bench = sub.add_parser("bench", help="performance benchmarks (see `lora-tsd bench -- --help`)",
+    bench = sub.add_parser("bench", help="performance benchmarks (options: `lora-tsd bench --help`)",
+                           description="Performance benchmarks; `lora-tsd bench --help` lists their options.",
                            add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
@@ -189,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "intervals (results.csv/json/md, PNG plots). Finished runs are skipped on "
                                      "re-invocation.")
     compare_command.add_arguments(cmp)
+    add_verbose_flag(cmp)
     cmp.set_defaults(func=cmd_compare)
 
     ana = sub.add_parser("analyze", help="change-rate spectra of a fine-tune, TSD overlap, and TSD capture",
@@ -201,8 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the bench parses its own options, --help included (argparse's REMAINDER drops
+        from lora_tsd.app.bench import cli as bench  # an option-first remainder)
+
+        return bench.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_console(verbose=getattr(args, "verbose", False))
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # for error messages
     try:
         return int(args.func(args, sub_parser) or 0)

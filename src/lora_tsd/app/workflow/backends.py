@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lora_tsd.adapter_io import CONFIG_FILE, adapter_state_dict, load_adapter, restore_adapter_state, save_adapter
+from lora_tsd.app.workflow.export_card import base_reference
 from lora_tsd.attaching import attach
 from lora_tsd.config import TSDConfig
 from lora_tsd.errors import AdapterFormatError, ConfigError
@@ -59,7 +60,8 @@ class TSDBackend:
 
     def save(self, core: nn.Module, out: Path, model_name: str, task_type: str) -> None:
         save_adapter(core, out / "adapter", base_model_name=model_name)
-        export_peft(core, out / "peft", base_model_name=model_name, task_type=task_type)
+        # The PEFT export names the real base (stock loaders resolve it offline), not the alias.
+        export_peft(core, out / "peft", base_model_name=base_reference(model_name).name_or_path, task_type=task_type)
 
     def save_checkpoint_adapter(self, core: nn.Module, directory: Path, model_name: str) -> None:
         save_adapter(core, directory, base_model_name=model_name)

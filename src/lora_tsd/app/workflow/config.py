@@ -43,7 +43,9 @@ class TrainConfig(DictConfig):
     model: str = option("minilm", "embedded alias (minilm, smollm2-135m), local model folder, or Hugging Face Hub id")
     task: str = option("bigbench:multiemo", "bigbench:<task>[/<subtask>], reasoning-gym:<generator>, jsonl:<path>, "
                                             "or hf:<dataset>[:<config>]")
-    output_dir: str = option("runs/minilm-multiemo-tsd", "run folder (must not exist unless --overwrite)")
+    output_dir: str | None = option(None, "run folder (default: a new runs/<model>-<task>-<method>-r<r>, with "
+                                          "-2, -3, ... appended when taken; a given folder must not exist unless "
+                                          "--overwrite)")
     overwrite: bool = option(False, "replace an existing run folder")
     adapter: TSDConfig = option(help="the adapter (flat options: method, r, alpha, ...)",
                                 default_factory=default_adapter)

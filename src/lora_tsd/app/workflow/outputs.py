@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lora_tsd.app.formats import slug
 from lora_tsd.app.workflow.config import ABSENT_MEANS, TrainConfig
 from lora_tsd.atomic import atomic_write
 from lora_tsd.errors import ConfigError
@@ -43,6 +44,30 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> bool:
         raise ConfigError(f"--overwrite refuses to delete {str(out)!r}: it is not a lora-tsd run folder "
                           f"(no {RUN_MARKER})")
     return True
+
+
+RUNS_ROOT = Path("runs")
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """``<model>-<task>-<method>-r<r>`` from the run's options, as a folder name (a model or task path contributes
+    its last part: ``jsonl:data/reviews.jsonl`` → ``reviews``)."""
+    model = Path(cfg.model.rstrip("/\\")).name or cfg.model
+    task = cfg.task.split(":", 1)[-1].rstrip("/\\")
+    task = Path(task).stem if cfg.task.startswith("jsonl:") else task
+    parts = [slug(model, "_"), slug(task, "_"), cfg.method, f"r{cfg.adapter.r}"]
+    return slug("-".join(parts), "_", keep="._-", limit=96, fallback="run")
+
+
+def new_run_folder(cfg: TrainConfig, root: Path = RUNS_ROOT) -> Path:
+    """The default run folder: ``root/<default_run_name>``, or the first free ``-2``, ``-3``, ... after it, so a
+    new run never meets an earlier one's folder."""
+    base = root / default_run_name(cfg)
+    candidate, number = base, 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:

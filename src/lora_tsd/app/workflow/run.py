@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -12,14 +13,15 @@ from typing import Any
 
 import torch
 
-from lora_tsd.app.workflow import loop
+from lora_tsd.app.workflow import loop, preflight
 from lora_tsd.app.workflow.backends import load_any_adapter
 from lora_tsd.app.workflow.callbacks import CallbackList, LoopCallback
 from lora_tsd.app.workflow.checkpoint import find_checkpoint, list_checkpoints
 from lora_tsd.app.workflow.config import EXTERNAL_METHODS, TrainConfig
+from lora_tsd.app.workflow.export_card import base_reference, label_maps, model_card
 from lora_tsd.app.workflow.loading import evaluate_split, load_for_run
-from lora_tsd.app.workflow.outputs import RUN_MARKER, prepare_output_dir, read_run_config
-from lora_tsd.atomic import atomic_write_json
+from lora_tsd.app.workflow.outputs import RUN_MARKER, new_run_folder, prepare_output_dir, read_run_config
+from lora_tsd.atomic import atomic_write, atomic_write_json
 from lora_tsd.errors import ConfigError
 from lora_tsd.peft_export import export_peft
 
@@ -53,7 +55,14 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
 
     started = time.time()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if cfg.output_dir is None:
+        if resume:
+            raise ConfigError("--resume needs --output-dir: the run folder to continue")
+        cfg = cfg.with_options(output_dir=_agreed_new_run_folder(cfg, accelerator))
     out = Path(cfg.output_dir)
+    if accelerator.is_main_process and not resume:
+        print(f"run folder: {out}", flush=True)
+        preflight.emit(preflight.option_warnings(cfg))
     ckpt = None
     if resume:
         cfg = read_run_config(out).with_options(progress=cfg.progress)
@@ -63,7 +72,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         prepare_output_dir(out, cfg.overwrite)
         atomic_write_json(out / RUN_MARKER, cfg.to_dict())
     accelerator.wait_for_everyone()
-    state = loop.LoopState(cfg, out, accelerator, CallbackList(callbacks), started)
+    state = loop.LoopState(cfg, out, accelerator, CallbackList([preflight.DataPreflight(), *callbacks]), started)
     svd_cache = cache_dir() if use_svd_cache(cfg.svd_cache, accelerator.device) else None
     try:
         loop.setup(state, ckpt, svd_cache, backend, loader)
@@ -76,6 +85,17 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
                 and not (out / "summary.json").is_file()):
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _agreed_new_run_folder(cfg: TrainConfig, accelerator: Any) -> str:
+    """A fresh default run folder, chosen by the main process and shared with the others (a folder the main
+    process creates first must not send another rank to the next number)."""
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [str(new_run_folder(cfg)) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    return str(chosen[0])
 
 
 def evaluate_run(run_dir: str | None, model: str | None = None, task: str | None = None,
@@ -109,19 +129,30 @@ def export_run(run_dir: str, out_dir: str, merged: bool = False, overwrite: bool
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite")
-    _, base, tokenizer, kind, _ = load_for_run(cfg)
+    task, base, tokenizer, kind, _ = load_for_run(cfg)
     model = load_any_adapter(base, Path(run_dir) / "adapter")
+    reference = base_reference(cfg.model)
+    labels = list(task.labels) if kind == "encoder" else []
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     external = cfg.method in EXTERNAL_METHODS  # a PEFT model (DoRA): PEFT merges and saves it
     if merged:
         plain = model.merge_and_unload() if external else merge(model)
+        if labels:
+            plain.config.id2label, plain.config.label2id = label_maps(labels)
+        plain.config._name_or_path = reference.name_or_path
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     elif external:
+        model.peft_config["default"].base_model_name_or_path = reference.name_or_path
         model.save_pretrained(tmp)
     else:
-        export_peft(model, tmp, base_model_name=cfg.model, task_type="SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
+        export_peft(model, tmp, base_model_name=reference.name_or_path,
+                    task_type="SEQ_CLS" if kind == "encoder" else "CAUSAL_LM")
+    summary_file = Path(run_dir) / "summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+    card = model_card(cfg, reference, summary, labels, kind, merged, out.resolve())
+    atomic_write(tmp / "README.md", lambda p: p.write_text(card, encoding="utf-8"))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -115,52 +115,62 @@ def load_task(
     )
 
 
-def _bigbench_cached(path: str) -> bool:
-    """Usable offline: extracted already, or extractable from the cached archive."""
-    extracted = is_complete(cache_dir() / "bigbench" / path)
-    return extracted or find_download(BIGBENCH_REQUIREMENT, sdist=True) is not None
+def _bigbench_data(path: str) -> str:
+    """Where a BIG-bench task's data is: ``extracted`` (its folder is in the cache), ``downloaded`` (the archive is
+    in the cache: extracted in seconds on first use) or ``download`` (the archive is fetched on first use)."""
+    if is_complete(cache_dir() / "bigbench" / path):
+        return "extracted"
+    return "downloaded" if find_download(BIGBENCH_REQUIREMENT, sdist=True) is not None else "download"
 
 
-def _reasoning_gym_installed(_: str) -> bool:
-    return importlib.util.find_spec("reasoning_gym") is not None
+def _reasoning_gym_data(_: str) -> str:
+    """``generated`` (the seeded generators are installed) or ``not installed`` (pip install the data extra)."""
+    return "generated" if importlib.util.find_spec("reasoning_gym") is not None else "not installed"
+
+
+#: Data states that need no download.
+OFFLINE_DATA = ("extracted", "downloaded", "generated")
 
 
 # (name, kind, examples after cleaning, description, where it is cached): the embedded, tested tasks.
-_EMBEDDED_TASKS: tuple[tuple[str, str, int | None, str, Callable[[str], bool], str], ...] = (
+_EMBEDDED_TASKS: tuple[tuple[str, str, int | None, str, Callable[[str], str], str], ...] = (
     ("bigbench:multiemo", "classification", 36_306, EMBEDDED_VIEWS["multiemo"].description,
-     _bigbench_cached, EMBEDDED_VIEWS["multiemo"].source),
+     _bigbench_data, EMBEDDED_VIEWS["multiemo"].source),
     ("bigbench:multiemo/all_sentence_en", "classification", 57_242,
      "MultiEmo English review sentences, 4 classes (ambivalent, negative, neutral, positive)",
-     _bigbench_cached, "multiemo/all_sentence_en"),
+     _bigbench_data, "multiemo/all_sentence_en"),
     ("bigbench:strategyqa", "classification", 2_289, "yes/no questions needing implicit reasoning (BoolQ-like)",
-     _bigbench_cached, "strategyqa"),
+     _bigbench_data, "strategyqa"),
     ("bigbench:winowhy", "classification", 2_856, "is the reason given for a Winograd pronoun correct",
-     _bigbench_cached, "winowhy"),
+     _bigbench_data, "winowhy"),
     ("bigbench:vitaminc_fact_verification", "classification", 54_668, "claim vs Wikipedia quote: True/False/Neither",
-     _bigbench_cached, "vitaminc_fact_verification"),
+     _bigbench_data, "vitaminc_fact_verification"),
     ("bigbench:social_iqa", "multiple_choice", 1_925, "social commonsense, 3 answers (SIQA)",
-     _bigbench_cached, "social_iqa"),
+     _bigbench_data, "social_iqa"),
     ("bigbench:arithmetic", "multiple_choice", 15_023, "four operations, 1 to 5 digits (union of 20 subtasks)",
-     _bigbench_cached, "arithmetic"),
+     _bigbench_data, "arithmetic"),
     ("reasoning-gym:gsm_symbolic", "generation", None, "GSM8K-derived templated word problems, seeded",
-     _reasoning_gym_installed, ""),
+     _reasoning_gym_data, ""),
     ("reasoning-gym:basic_arithmetic", "generation", None, "arithmetic expressions, seeded",
-     _reasoning_gym_installed, ""),
+     _reasoning_gym_data, ""),
     ("reasoning-gym:chain_sum", "generation", None, "chains of additions and subtractions, seeded",
-     _reasoning_gym_installed, ""),
+     _reasoning_gym_data, ""),
     ("reasoning-gym:simple_equations", "generation", None, "linear equations in one unknown, seeded",
-     _reasoning_gym_installed, ""),
+     _reasoning_gym_data, ""),
 )
 
 
 def list_tasks() -> list[dict[str, Any]]:
-    """Describe the embedded tasks: name, kind, examples (None: generated on demand), description, cached.
+    """Describe the embedded tasks: name, kind, examples (None: generated on demand), description, data, cached.
 
-    ``cached`` means usable without a download: the BIG-bench archive is in the cache (the folder is then
-    extracted in seconds on first use), or reasoning-gym is installed. Any other BIG-bench JSON task,
-    reasoning-gym generator, jsonl file or HF dataset works too.
+    ``data`` says where the data is: ``extracted`` (ready in the cache), ``downloaded`` (the BIG-bench archive is
+    in the cache; the task folder is extracted in seconds on first use), ``download`` (fetched on first use),
+    ``generated`` (reasoning-gym is installed) or ``not installed``. ``cached`` is true when no download is needed.
+    Any other BIG-bench JSON task, reasoning-gym generator, jsonl file or HF dataset works too.
     """
-    return [
-        {"name": name, "kind": kind, "examples": examples, "description": description, "cached": cached(key)}
-        for name, kind, examples, description, cached, key in _EMBEDDED_TASKS
-    ]
+    rows = []
+    for name, kind, examples, description, data_state, key in _EMBEDDED_TASKS:
+        data = data_state(key)
+        rows.append({"name": name, "kind": kind, "examples": examples, "description": description, "data": data,
+                     "cached": data in OFFLINE_DATA})
+    return rows
