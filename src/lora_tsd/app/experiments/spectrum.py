@@ -324,6 +324,9 @@ def source_deltas(source: Source, target_modules: list[str] | str | None = None)
     if source.kind == "peft":
         from peft import PeftModel
 
+        from lora_tsd.app.assets.model_files import check_adapter_folder
+
+        check_adapter_folder(Path(source.path))
         tuned = PeftModel.from_pretrained(base, source.path).merge_and_unload()
     else:
         from lora_tsd.app.assets.models import load_model

@@ -72,6 +72,8 @@ class TrainConfig(DictConfig):
                                           "$LORA_TSD_CACHE/svd (changed weights miss; default: on for CPU runs, off "
                                           "on GPUs, where recomputing the SVD is faster than reading it back)")
     progress: bool = option(True, "show a progress bar")
+    trust_remote_code: bool = option(False, "run the Python code a model folder ships (config.json auto_map); "
+                                            "without it such a model is refused and no code from it runs")
 
     def __post_init__(self) -> None:
         self.check_types()
