@@ -43,6 +43,8 @@ def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.run is None and (args.model is None or args.task is None):
         parser.error("give a run folder, or --model and --task to score the bare base model")
+    if args.output:
+        check_output_file(args.output, args.overwrite)  # before the evaluation, so nothing is wasted
     result = evaluate_run(args.run, model=args.model, task=args.task, split=args.split, adapter=args.adapter,
                           max_eval=args.max_eval, eval_batch_size=args.eval_batch_size, bf16=args.bf16)
     text = json.dumps(result, indent=2)
@@ -52,6 +54,19 @@ def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         atomic_write_json(args.output, result)
     return 0
+
+
+def check_output_file(path: str, overwrite: bool) -> None:
+    """Refuse an ``--output`` file that exists (unless ``overwrite``), is a folder, or has no folder to go in."""
+    from pathlib import Path
+
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"--output {path!r} is a folder; give a file name")
+    if (file.exists() or file.is_symlink()) and not overwrite:
+        raise ConfigError(f"--output file {path!r} already exists; pass --overwrite to replace it")
+    if not file.parent.is_dir():
+        raise ConfigError(f"--output {path!r}: folder {str(file.parent)!r} does not exist")
 
 
 def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -143,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-eval", type=int, default=None, help="cap on evaluation examples")
     ev.add_argument("--eval-batch-size", type=int, default=None, help="sequences per batch")
     ev.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
-    ev.add_argument("--output", help="also write the result as JSON to this file")
+    ev.add_argument("--output", help="also write the result as JSON to this file (must not exist)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="write a run's adapter as a stock PEFT adapter or a merged model",

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_tsd.app.workflow.config import TrainConfig
+from lora_tsd.app.workflow.ownership import check_replaceable, claim_folder
+from lora_tsd.app.workflow.run_folder import RunFolderLock
 from lora_tsd.atomic import atomic_write
 from lora_tsd.errors import ConfigError
 
@@ -26,18 +28,26 @@ RUN_MARKER = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Create the run folder; refuse an existing non-empty one unless ``overwrite`` (and then only a run folder)."""
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool, lock: RunFolderLock | None = None) -> Path:
+    """Create the run folder and mark it as lora-tsd's; refuse an existing non-empty one unless ``overwrite``, and
+    then delete it only if lora-tsd created it (:mod:`~lora_tsd.app.workflow.ownership`) and no live run holds
+    its ``lock``."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {str(out)!r} is a file; choose another --output-dir")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite "
                               "to replace it or choose another --output-dir")
-        if not (out / RUN_MARKER).is_file():
-            raise ConfigError(f"--overwrite refuses to delete {str(out)!r}: it is not a lora-tsd run folder "
-                              f"(no {RUN_MARKER})")
+        check_replaceable(out, what="run folder")
+        if lock is not None:
+            lock.check_free(out)
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        claim_folder(out, "run")
+    except OSError as err:
+        raise ConfigError(f"cannot create output directory {str(out)!r}: {err.strerror or err}") from None
     return out
 
 

@@ -19,6 +19,8 @@ from lora_tsd.app.workflow.checkpoint import find_checkpoint, list_checkpoints
 from lora_tsd.app.workflow.config import EXTERNAL_METHODS, TrainConfig
 from lora_tsd.app.workflow.loading import evaluate_split, load_for_run
 from lora_tsd.app.workflow.outputs import RUN_MARKER, prepare_output_dir, read_run_config
+from lora_tsd.app.workflow.ownership import check_replaceable, claim_folder
+from lora_tsd.app.workflow.run_folder import RunFolderLock
 from lora_tsd.atomic import atomic_write_json
 from lora_tsd.errors import ConfigError
 from lora_tsd.peft_export import export_peft
@@ -55,12 +57,16 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.output_dir)
     ckpt = None
+    lock = RunFolderLock()  # one writer per run folder (run_folder.py); held until this function returns
     if resume:
         cfg = read_run_config(out).with_options(progress=cfg.progress)
         ckpt = find_checkpoint(out, resume_from)
         loop.check_resumable(ckpt, out)
+        if accelerator.is_main_process:
+            lock.acquire(out)
     elif accelerator.is_main_process:
-        prepare_output_dir(out, cfg.overwrite)
+        prepare_output_dir(out, cfg.overwrite, lock)
+        lock.acquire(out)
         atomic_write_json(out / RUN_MARKER, cfg.to_dict())
     accelerator.wait_for_everyone()
     state = loop.LoopState(cfg, out, accelerator, CallbackList(callbacks), started)
@@ -75,6 +81,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         if not resume and accelerator.is_main_process and not list_checkpoints(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        lock.release()
 
 
 def evaluate_run(run_dir: str | None, model: str | None = None, task: str | None = None,
@@ -106,12 +114,20 @@ def export_run(run_dir: str, out_dir: str, merged: bool = False, overwrite: bool
 
     cfg = read_run_config(run_dir)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"--out {str(out)!r} is a file or a symbolic link; give a folder path")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite")
+        check_replaceable(out, protected=(Path(run_dir),), what="export folder")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists() or tmp.is_symlink():  # left by a crashed export; never someone else's folder
+        check_replaceable(tmp, flag="export", what="export folder")
     _, base, tokenizer, kind, _ = load_for_run(cfg)
     model = load_any_adapter(base, Path(run_dir) / "adapter")
-    tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    claim_folder(tmp, "export")
     external = cfg.method in EXTERNAL_METHODS  # a PEFT model (DoRA): PEFT merges and saves it
     if merged:
         plain = model.merge_and_unload() if external else merge(model)
