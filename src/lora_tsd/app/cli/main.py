@@ -15,7 +15,7 @@ from typing import Any
 
 from lora_tsd.app.cli.options import add_option_flags, load_config_file, option_values
 from lora_tsd.app.workflow.config import TrainConfig
-from lora_tsd.errors import ConfigError, TSDError
+from lora_tsd.errors import ConfigError, TargetError, TSDError
 
 # ----------------------------------------------------------------------------------------- commands
 
@@ -32,6 +32,12 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     cfg = train_config_from_args(args)
     if args.resume is not None:
+        from pathlib import Path
+
+        from lora_tsd.app.workflow.validation import check_resume_options
+
+        given = {**(load_config_file(args.config) if args.config else {}), **option_values(args)}
+        check_resume_options(Path(cfg.output_dir), given)  # options a resume would ignore are refused
         run_training(cfg, resume=True, resume_from=None if args.resume == "latest" else args.resume)
     else:
         run_training(cfg)
@@ -210,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # for error messages
     try:
         return int(args.func(args, sub_parser) or 0)
-    except ConfigError as err:  # a bad option or config value: command-line misuse
+    except (ConfigError, TargetError) as err:  # a bad option or config value: command-line misuse
         print(f"lora-tsd {args.command}: error: {err}", file=sys.stderr)
         return 2
     except TSDError as err:

@@ -93,6 +93,9 @@ class TrainConfig(DictConfig):
             if self.fsdp:
                 raise ConfigError(f"--fsdp supports the lora-tsd methods; run the external {self.external_method} "
                                   "baseline with DDP")
+        from lora_tsd.app.workflow.validation import check_options
+
+        check_options(self)  # ranges and cross-checks (validation.py)
 
     # ------------------------------------------------------------------------------------------- flat view
 

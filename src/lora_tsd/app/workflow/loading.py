@@ -22,9 +22,11 @@ def load_for_run(cfg: TrainConfig) -> tuple[Any, torch.nn.Module, Any, str, Any]
     from lora_tsd.app.assets.models import checked_model_source, detect_model_kind, load_model
     from lora_tsd.app.assets.tasks import load_task
     from lora_tsd.app.workflow.runners import check_pair
+    from lora_tsd.app.workflow.validation import check_against_data
 
     source = checked_model_source(cfg.model, cfg.trust_remote_code)
     task = load_task(cfg.task, seed=cfg.data_seed, max_train=cfg.max_train, max_eval=cfg.max_eval)
+    check_against_data(cfg, task)
     kind = detect_model_kind(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code))
     check_pair(kind, task)
     torch.manual_seed(cfg.seed)  # the classification head's initialization

@@ -21,6 +21,7 @@ from lora_tsd.app.workflow.loading import evaluate_split, load_for_run
 from lora_tsd.app.workflow.outputs import RUN_MARKER, prepare_output_dir, read_run_config
 from lora_tsd.app.workflow.ownership import check_replaceable, claim_folder
 from lora_tsd.app.workflow.run_folder import RunFolderLock
+from lora_tsd.app.workflow.validation import check_checkpoint_belongs
 from lora_tsd.atomic import atomic_write_json
 from lora_tsd.errors import ConfigError
 from lora_tsd.peft_export import export_peft
@@ -62,6 +63,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         cfg = read_run_config(out).with_options(progress=cfg.progress)
         ckpt = find_checkpoint(out, resume_from)
         loop.check_resumable(ckpt, out)
+        check_checkpoint_belongs(ckpt, cfg)  # type: ignore[arg-type] - check_resumable refused None
         if accelerator.is_main_process:
             lock.acquire(out)
     elif accelerator.is_main_process:
