@@ -214,3 +214,56 @@ def test_a_bad_newest_checkpoint_falls_back_to_the_older_one(world, capsys) -> N
 def test_lock_file_holds_the_writer_pid_after_a_run(world) -> None:
     assert (world["run"] / LOCK_FILE).read_text().strip() == str(os.getpid())
     assert snapshot(world["run"])  # the run folder is not empty
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+RESUME_CASES = [
+    ("resume-changed-lr", ("--lr", "0.5"), r"--resume continues .* these would be ignored: lr=0.5 \(saved: 0.002\)"),
+    ("resume-changed-rank", ("--rank", "4"), r"these would be ignored: r=4 \(saved: 2\)"),
+    ("resume-changed-method", ("--method", "dash"), r"these would be ignored: method='dash' \(saved: 'lora'\)"),
+    ("resume-changed-steps", ("--steps", "9"), r"these would be ignored: steps=9 \(saved: 4\)"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), [c[1:] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+def test_resume_refuses_changed_options(world, capsys, extra, message) -> None:
+    """Issue 18: --resume ignored changed flags without a word."""
+    run = _copy(world, "run-resume-changed")
+    check_case(["train", "--output-dir", str(run), "--resume", *extra], 2, message, capsys, watched=(run,))
+
+
+def test_resume_accepts_the_saved_options_repeated(world) -> None:
+    run = _copy(world, "run-resume-same")
+    assert main(["train", "--output-dir", str(run), "--resume", "--method", "lora", "--rank", "2", "--steps", "4",
+                 "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize(("flags", "field"), [(("--seed", "1"), "seed"), (("--rank", "4"), "r"),
+                                              (("--method", "dash", "--prelaunch-steps", "1"), "method")],
+                         ids=["other-seed", "other-rank", "other-method"])
+def test_resume_refuses_another_runs_checkpoint(world, capsys, flags, field) -> None:
+    """Issue 18: --resume CHECKPOINT accepted a checkpoint of another run (another seed, rank or method)."""
+    other = world["root"] / f"other-{field}"
+    if not other.exists():
+        assert main(["train", "--model", str(world["enc"]), "--task", f"jsonl:{world['task']}", "--output-dir",
+                     str(other), "--no-progress", "--method", "lora", "--rank", "2", "--steps", "4", "--batch-size",
+                     "4", "--checkpoint-every", "2", *flags]) == 0
+    foreign = sorted((other / "checkpoints").iterdir())[0]
+    run = _copy(world, "run-foreign")
+    check_case(["train", "--output-dir", str(run), "--resume", str(foreign)], 2,
+               rf"checkpoint .* belongs to another run: its {field} is .*, this run's is", capsys,
+               watched=(run, other))
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(world, tmp_path, capsys) -> None:
+    """Issue 18: after a kill before the first checkpoint, --resume said "start the run again" and starting again
+    was refused. The message now names --overwrite, which works because the folder is lora-tsd's."""
+    run = tmp_path / "killed"
+    assert main(_train(world, run)) == 0
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # as if killed before the first checkpoint
+    check_case(["train", "--output-dir", str(run), "--resume"], 2,
+               r"no checkpoint to resume from .*; start the run again with the same options and --overwrite", capsys,
+               watched=(run,))
+    assert main([*_train(world, run), "--overwrite"]) == 0
