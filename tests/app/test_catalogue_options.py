@@ -125,6 +125,32 @@ CASES = [
      r"none.jsonl: no such file \(nor none.train.jsonl beside it\)"),
 ]
 
+# every other option, wrongly typed or out of range, in a JSON config: (key, JSON value, message regex)
+TYPED = [
+    ('r', '"4"', r"r must be an integer, got '4'"),
+    ('alpha', '"8"', r"alpha must be a finite number or null, got '8'"),
+    ('steps', '-3', r'steps must be a positive integer, got -3'),
+    ('batch_size', '0', r'batch_size must be a positive integer, got 0'),
+    ('grad_accum', '0', r'grad_accum must be a positive integer, got 0'),
+    ('eval_every', '-1', r'eval_every must be an integer ≥ 0, got -1'),
+    ('warmup_steps', '-2', r'warmup_steps must be an integer ≥ 0, got -2'),
+    ('lr', 'null', r'lr must be a finite number, got None'),
+    ('seed', '1.5', r'seed must be an integer, got 1.5'),
+    ('task', '["a"]', r"task must be a string, got \['a'\]"),
+    ('progress', '"yes"', r"progress must be true/false, got 'yes'"),
+    ('fsdp', '1', r'fsdp must be true/false, got 1'),
+    ('trust_remote_code', '"true"', r"trust_remote_code must be true/false, got 'true'"),
+    ('max_train', '"10"', r"max_train must be an integer or null, got '10'"),
+    ('max_eval', '2.5', r'max_eval must be an integer or null, got 2.5'),
+    ('max_length', '0', r'max_length must be a positive integer, got 0'),
+    ('checkpoint_every', '-1', r'checkpoint_every must be an integer ≥ 0, got -1'),
+    ('probe_batches', '0', r'probe_batches must be a positive integer, got 0'),
+    ('skip_nonfinite', '"no"', r"skip_nonfinite must be true/false, got 'no'"),
+    ('dash_directions', '"2"', r"dash_directions must be an integer, got '2'"),
+]
+CASES += [(f"config-{key}", _with_config(json.dumps({key: json.loads(value)}), "c.json"), 2, message)
+          for key, value, message in TYPED]
+
 
 def _binary(t: Path) -> Path:
     (t / "d.jsonl").write_bytes(b'{"text": "\xff", "label": 0}\n')
@@ -132,10 +158,12 @@ def _binary(t: Path) -> Path:
 
 
 def test_catalogue_size() -> None:
-    from test_catalogue_runs import EXPORT_CASES, MANIFEST_CASES, OUTPUT_DIR_CASES
+    from test_bad_input import CASES as BAD_INPUT_CASES
+    from test_catalogue_runs import EXPORT_CASES, MANIFEST_CASES, OUTPUT_DIR_CASES, RESUME_CASES
     from test_catalogue_security import MODEL_CASES
 
-    assert len(CASES) + len(EXPORT_CASES) + len(MANIFEST_CASES) + len(OUTPUT_DIR_CASES) + len(MODEL_CASES) >= 60
+    tables = [CASES, EXPORT_CASES, MANIFEST_CASES, OUTPUT_DIR_CASES, MODEL_CASES, RESUME_CASES, BAD_INPUT_CASES]
+    assert sum(len(t) for t in tables) >= 120  # issue 18: a catalogue of at least 120 cases
 
 
 @pytest.mark.parametrize(("build", "code", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -22,6 +22,7 @@ from lora_tsd.app.experiments.compare import (
     t_quantile,
     write_outputs,
 )
+from lora_tsd.app.workflow.ownership import claim_folder
 from lora_tsd.app.workflow.run import RUN_MARKER, run_training
 from lora_tsd.atomic import atomic_write_json
 from lora_tsd.errors import ConfigError, NonFiniteError
@@ -190,6 +191,7 @@ def test_compare_end_to_end_and_resume(tmp_path, assets, capsys):
     # a run killed half-way: started (train_config.json) but no summary.json; it must be restarted
     killed = out / "runs" / compare._slug(f"jsonl:{assets['b']}") / "dash" / "r2" / "lr0.01" / "seed1"
     killed.mkdir(parents=True)
+    claim_folder(killed, "run")  # lora-tsd marks a run folder as its own first, so a rerun may replace it
     atomic_write_json(killed / RUN_MARKER, {"partial": True})
     calls.clear()
     assert main(args) == 0
