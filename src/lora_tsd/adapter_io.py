@@ -22,7 +22,7 @@ from torch import nn
 from ._version import __version__
 from .atomic import atomic_write, atomic_write_json, file_sha256
 from .config import TSDConfig
-from .errors import AdapterFormatError, BaseMismatchError, ConfigError, TSDError
+from .errors import AdapterFormatError, BaseMismatchError, ConfigError, NonFiniteError, TSDError
 from .fingerprint import fingerprint_hex
 from .inject import insert_adapters, remove_adapters, require_adapters, saved_modules
 from .layer import TSDLinear
@@ -66,6 +66,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise ConfigError("the model is merged; call lora_tsd.unmerge(model) before save_adapter")
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # an adapter that cannot be loaded back is never written (load_adapter refuses non-finite values)
+        raise NonFiniteError(f"adapter tensor {bad[0]} holds NaN or infinite values ({len(bad)} tensors); the adapter "
+                             "was not saved")
     if not is_writer():
         return directory
     atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

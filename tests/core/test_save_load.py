@@ -193,3 +193,15 @@ def test_an_adapter_without_its_checksum_is_refused(tmp_path):
     folder = _tampered_adapter(tmp_path, lambda t: None, rehash=False)
     with pytest.raises(lora_tsd.AdapterFormatError, match="has no tensors_sha256; the adapter cannot be verified"):
         lora_tsd.load_adapter(MODEL_FACTORIES["llama"](), folder)
+
+
+def test_a_non_finite_adapter_is_never_written(tmp_path):
+    """Issue 18: a NaN adapter was written as a finished run; save_adapter refuses it and writes nothing."""
+    model = build("llama", "dash", 1)
+    layer = lora_tsd.adapted_layers(model)[0][1]
+    with torch.no_grad():
+        layer.lora_B.fill_(float("nan"))
+    message = r"lora_B holds NaN or infinite values .*; the adapter was not saved"
+    with pytest.raises(lora_tsd.NonFiniteError, match=message):
+        lora_tsd.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
