@@ -31,7 +31,7 @@ def _config(t: Path, content: str | bytes, name: str = "c.yaml") -> str:
 
 def _with_config(content: str | bytes, name: str = "c.yaml"):
     """Only the config file gives options (a flag would win over it); all of these fail before any load."""
-    return lambda w, t: ["train", "--output-dir", str(t / "o"), "--no-progress", "--config", _config(t, content, name)]
+    return lambda w, t: ["train", "--output-dir", str(t / "o"), "--config", _config(t, content, name)]
 
 
 def _flags(*extra: str):
