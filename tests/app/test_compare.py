@@ -376,14 +376,14 @@ def test_reuse_refuses_a_label_whose_meaning_changed(tmp_path):
     from lora_tsd.app.experiments.compare import reuse_results
 
     then = spec(methods=[MethodVariant.parse("init:init_estimator=prelaunch")], seeds=[0], lrs=[1e-2],
-                tune_seeds=None, base={"steps": 4})
+                tune_seeds=None, base={"steps": 200})  # longer than the default pre-launch (100 steps)
     run_grid(then, tmp_path / "then", train=FakeTrainer(), say=lambda _: None)
     data = write_outputs(then, tmp_path / "then", plots=False, say=lambda _: None)
     (row,) = data["runs"]
     assert row["config"]["init_estimator"] == "prelaunch"  # each row records what it ran with
     data["runs"][0]["method"], data["spec"]["methods"] = "init", ["init"]  # labelled as 0.1 labelled it
     (tmp_path / "old.json").write_text(json.dumps(data))
-    now = spec(methods=[MethodVariant.parse("init")], seeds=[0], lrs=[1e-2], tune_seeds=None, base={"steps": 4})
+    now = spec(methods=[MethodVariant.parse("init")], seeds=[0], lrs=[1e-2], tune_seeds=None, base={"steps": 200})
     with pytest.raises(ConfigError, match=r"init r=2 lr=0.01 seed=0 was trained with other settings than this "
                                           r"grid gives it \(init_estimator: 'prelaunch' there, 'gradient' here\)"):
         reuse_results(now, tmp_path / "a", [tmp_path / "old.json"])
