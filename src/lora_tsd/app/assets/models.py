@@ -263,12 +263,13 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | str:
     return _resolve_hub_id(name)
 
 
-def checked_model_source(name_or_path: str | os.PathLike[str], trust_remote_code: bool = False) -> Path | str:
+def checked_model_source(name_or_path: str | os.PathLike[str], trust_remote_code: bool = False,
+                         need_tokenizer: bool = True) -> Path | str:
     """:func:`resolve_model`, then (for a folder) the checks of :func:`~lora_tsd.app.assets.model_files.
     check_model_folder`: no pickled weights, no remote code without the opt-in, weights and tokenizer present."""
     source = resolve_model(name_or_path)
     if isinstance(source, Path):
-        check_model_folder(source, trust_remote_code)
+        check_model_folder(source, trust_remote_code, need_tokenizer)
     return source
 
 
@@ -343,6 +344,7 @@ def load_model(
     num_labels: int | None = None,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    need_tokenizer: bool = True,
 ) -> tuple[Any, Any, str]:
     """Load a model and its tokenizer for training.
 
@@ -355,6 +357,8 @@ def load_model(
         dtype: parameter dtype of the loaded model.
         trust_remote_code: run the folder's own model code (``auto_map``); refused otherwise. Pickled weights
             are never read (:mod:`lora_tsd.app.assets.model_files`).
+        need_tokenizer: refuse a folder without tokenizer files (off where only the weights are compared, as
+            for a fully fine-tuned checkpoint in ``lora-tsd analyze spectrum``).
 
     Returns:
         ``(model, tokenizer, kind)``: an ``AutoModelForSequenceClassification`` for encoders or an
@@ -367,7 +371,7 @@ def load_model(
         AutoTokenizer,
     )
 
-    source = checked_model_source(name_or_path, trust_remote_code)
+    source = checked_model_source(name_or_path, trust_remote_code, need_tokenizer)
     remote = load_options(trust_remote_code)
     config = AutoConfig.from_pretrained(source, **remote)
     if kind is None:
