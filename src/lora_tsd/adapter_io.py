@@ -22,7 +22,7 @@ from torch import nn
 from ._version import __version__
 from .atomic import atomic_write, atomic_write_json, file_sha256
 from .config import TSDConfig
-from .errors import AdapterFormatError, BaseMismatchError, ConfigError, TSDError
+from .errors import AdapterFormatError, BaseMismatchError, ConfigError, NonFiniteError, TSDError
 from .fingerprint import fingerprint_hex
 from .inject import insert_adapters, remove_adapters, require_adapters, saved_modules
 from .layer import TSDLinear
@@ -84,6 +84,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise ConfigError("the model is merged; call lora_tsd.unmerge(model) before save_adapter")
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # an adapter that cannot be loaded back is never written (load_adapter refuses non-finite values)
+        raise NonFiniteError(f"adapter tensor {bad[0]} holds NaN or infinite values ({len(bad)} tensors); the adapter "
+                             "was not saved")
     if not is_writer():
         return directory
     atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -160,6 +164,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Modu
         layers = dict(require_adapters(base_model, "load_adapter"))
         _check_layer_set(layers, meta, directory)
         _check_fingerprints(layers, meta, tensors)
+        _check_tensor_set(base_model, tensors, directory)
         for name, layer in layers.items():
             _load_layer(name, layer, tensors)
         _load_saved_modules(base_model, config, tensors, directory)
@@ -180,7 +185,10 @@ def _read_tensors(directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tens
     if not path.is_file():
         raise AdapterFormatError(f"{path} is missing")
     expected = meta.get("tensors_sha256")
-    if expected is not None and file_sha256(path) != expected:
+    if not isinstance(expected, str):  # without it nothing would be checked: refuse rather than skip the check
+        raise AdapterFormatError(f"{directory / CONFIG_FILE} has no tensors_sha256; the adapter cannot be verified "
+                                 "(save it again with lora_tsd.save_adapter)")
+    if file_sha256(path) != expected:
         raise AdapterFormatError(f"{path} does not match the checksum recorded in {CONFIG_FILE}: the file is "
                                  "truncated, corrupt or was modified")
     try:
@@ -196,6 +204,23 @@ def _check_layer_set(layers: dict[str, TSDLinear], meta: dict[str, Any], directo
         raise AdapterFormatError(
             f"the adapter in {directory} does not fit this model: adapter layers not in the model: "
             f"{missing[:5] or 'none'}; model layers not in the adapter: {extra[:5] or 'none'}")
+
+
+def _check_tensor_set(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Exactly the tensors this model's adapter has, each of the right kind (float or not, as the model's own)
+    and finite: an adapter with extra, integer-typed or NaN tensors is refused before anything is loaded."""
+    expected = adapter_state_dict(model)
+    extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if extra or missing:
+        raise AdapterFormatError(f"the adapter in {directory} does not hold exactly this model's adapter tensors: "
+                                 f"unexpected {extra[:5] or 'none'}; missing {missing[:5] or 'none'}")
+    for name, value in tensors.items():
+        ref = expected[name]
+        if value.is_floating_point() != ref.is_floating_point() or (
+                not ref.is_floating_point() and value.dtype != ref.dtype):
+            raise AdapterFormatError(f"tensor {name} has dtype {value.dtype}, the model expects {ref.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise AdapterFormatError(f"tensor {name} holds NaN or infinite values; the adapter is unusable")
 
 
 def _check_fingerprints(layers: dict[str, TSDLinear], meta: dict[str, Any], tensors: dict) -> None:

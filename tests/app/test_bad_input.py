@@ -73,9 +73,10 @@ def _edit_tensors(run: Path, edit) -> None:
 
 
 def _drop_checksum(run: Path) -> None:
+    """Record the edited file's checksum, as a hand-editor would (a missing checksum is refused by itself)."""
     meta_path = run / "adapter" / "tsd_config.json"
     meta = json.loads(meta_path.read_text())
-    meta.pop("tensors_sha256")
+    meta["tensors_sha256"] = hashlib.sha256((run / "adapter" / "tsd_adapter.safetensors").read_bytes()).hexdigest()
     meta_path.write_text(json.dumps(meta))
 
 
@@ -104,7 +105,8 @@ CASES = [
      "unknown selector 'best'"),
     ("negative-t", lambda w, t: _train(w, t / "o", "--method", "dash", "--prelaunch-steps", "-1"), 2,
      "prelaunch_steps (t) must be an integer ≥ 0"),
-    ("s-exceeds-k", lambda w, t: _train(w, t / "o", "--method", "dash", "--dash-directions", "40"), 2,
+    ("s-exceeds-k", lambda w, t: _train(w, t / "o", "--method", "dash", "--dash-directions", "40", "--steps", "300"),
+     2,
      "has 32 directions, fewer than the 40"),
     ("lr-zero", lambda w, t: _train(w, t / "o", "--lr", "0"), 2, "lr must be positive"),
     ("unknown-model-alias", lambda w, t: ["train", "--model", "minilmm", "--output-dir", str(t / "o")], 2,

@@ -15,6 +15,7 @@ from tiny_assets import make_encoder, sentiment_rows, write_jsonl
 
 from lora_tsd.app.cli import compare_command, main
 from lora_tsd.app.experiments.compare import GridSpec, MethodVariant, RunKey, run_grid, write_outputs
+from lora_tsd.app.workflow.ownership import claim_folder
 from lora_tsd.app.workflow.run import RUN_MARKER, run_training
 from lora_tsd.atomic import atomic_write_json
 from lora_tsd.errors import ConfigError, NonFiniteError
@@ -174,6 +175,7 @@ def test_compare_end_to_end_and_resume(tmp_path, assets, capsys):
     # a run killed half-way: started (train_config.json) but no summary.json; it must be restarted
     killed = out / "runs" / compare.run_slug(f"jsonl:{assets['b']}") / "dash" / "r2" / "lr0.01" / "seed1"
     killed.mkdir(parents=True)
+    claim_folder(killed, "run")  # lora-tsd marks a run folder as its own first, so a rerun may replace it
     atomic_write_json(killed / RUN_MARKER, {"partial": True})
     calls.clear()
     assert main(args) == 0
@@ -358,14 +360,14 @@ def test_reuse_refuses_a_label_whose_meaning_changed(tmp_path):
     from lora_tsd.app.experiments.compare import reuse_results
 
     then = spec(methods=[MethodVariant.parse("init:init_estimator=prelaunch")], seeds=[0], lrs=[1e-2],
-                tune_seeds=None, base={"steps": 4})
+                tune_seeds=None, base={"steps": 200})  # longer than the default pre-launch (100 steps)
     run_grid(then, tmp_path / "then", train=FakeTrainer(), say=lambda _: None)
     data = write_outputs(then, tmp_path / "then", plots=False, say=lambda _: None)
     (row,) = data["runs"]
     assert row["config"]["init_estimator"] == "prelaunch"  # each row records what it ran with
     data["runs"][0]["method"], data["spec"]["methods"] = "init", ["init"]  # labelled as 0.1 labelled it
     (tmp_path / "old.json").write_text(json.dumps(data))
-    now = spec(methods=[MethodVariant.parse("init")], seeds=[0], lrs=[1e-2], tune_seeds=None, base={"steps": 4})
+    now = spec(methods=[MethodVariant.parse("init")], seeds=[0], lrs=[1e-2], tune_seeds=None, base={"steps": 200})
     with pytest.raises(ConfigError, match=r"init r=2 lr=0.01 seed=0 was trained with other settings than this "
                                           r"grid gives it \(init_estimator: 'prelaunch' there, 'gradient' here\)"):
         reuse_results(now, tmp_path / "a", [tmp_path / "old.json"])

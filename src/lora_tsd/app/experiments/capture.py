@@ -207,7 +207,8 @@ def analyze_capture(cfg: TrainConfig, out: str | Path, full_lr: float = 5e-5, sn
             from lora_tsd.app.assets.models import resolve_model
 
             model.save_pretrained(out / "full_ft")
-            AutoTokenizer.from_pretrained(resolve_model(cfg.model)).save_pretrained(out / "full_ft")
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model), trust_remote_code=False)
+            tokenizer.save_pretrained(out / "full_ft")
         del model
     else:
         source = resolve_source(reference, cfg.model, "reference")

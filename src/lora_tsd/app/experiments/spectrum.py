@@ -324,11 +324,14 @@ def source_deltas(source: Source, target_modules: list[str] | str | None = None)
     if source.kind == "peft":
         from peft import PeftModel
 
+        from lora_tsd.app.assets.model_files import check_adapter_folder
+
+        check_adapter_folder(Path(source.path))
         tuned = PeftModel.from_pretrained(base, source.path).merge_and_unload()
     else:
         from lora_tsd.app.assets.models import load_model
 
-        tuned, _, _ = load_model(source.path, kind=kind, num_labels=source.num_labels or 2)
+        tuned, _, _ = load_model(source.path, kind=kind, num_labels=source.num_labels or 2, need_tokenizer=False)
     deltas = {}
     for name in names:
         delta = _out_in(tuned.get_submodule(name)) - originals[name]

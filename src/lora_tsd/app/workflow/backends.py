@@ -121,6 +121,9 @@ class PeftDoraBackend:
         """The base model wrapped by PEFT with the checkpoint's DoRA weights, trainable as after ``attach``."""
         from peft import PeftModel
 
+        from lora_tsd.app.assets.model_files import check_adapter_folder
+
+        check_adapter_folder(directory)
         return PeftModel.from_pretrained(model, directory, is_trainable=True)
 
     def trained_state(self, core: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -186,6 +189,9 @@ def load_any_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        from lora_tsd.app.assets.model_files import check_adapter_folder
+
+        check_adapter_folder(directory)
         return PeftModel.from_pretrained(model, directory)
     raise AdapterFormatError(f"{directory} holds neither a lora-tsd adapter ({CONFIG_FILE}) nor a PEFT adapter "
                              "(adapter_config.json)")

@@ -23,7 +23,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from lora_tsd.adapter_io import save_adapter
 from lora_tsd.atomic import atomic_write, atomic_write_json, file_sha256, fsync_dir
+from lora_tsd.config import short_repr
 from lora_tsd.errors import AdapterFormatError
 from lora_tsd.sharding import full, is_writer, rank_and_world
 
@@ -174,13 +175,29 @@ def verify_checkpoint(path: Path) -> None:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise AdapterFormatError(f"checkpoint {path}: {MANIFEST} is corrupt") from None
+    _check_manifest_names(path, manifest)
     for rel, digest in manifest.items():
         file = path / rel
-        if not file.is_file():
+        if file.is_symlink() or not file.is_file():
             raise AdapterFormatError(f"checkpoint {path}: {rel} is missing")
         if file_sha256(file) != digest:
             raise AdapterFormatError(f"checkpoint {path}: {rel} does not match its checksum (truncated or "
                                      "modified)")
+
+
+def _check_manifest_names(path: Path, manifest: Any) -> None:
+    """A manifest names only files inside its checkpoint (checked before any file is touched, so it cannot probe
+    paths elsewhere), each with a SHA-256, and at least the trainer state: an empty one verifies nothing."""
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) and len(v) == 64 for v in manifest.values()):
+        raise AdapterFormatError(f"checkpoint {path}: {MANIFEST} must map file names to SHA-256 digests")
+    for rel in manifest:
+        pure = PurePosixPath(rel)
+        if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel:
+            raise AdapterFormatError(f"checkpoint {path}: {MANIFEST} names {short_repr(rel)}, which is not a file "
+                                     "inside the checkpoint")
+    missing = sorted({STATE_JSON, STATE_TENSORS} - set(manifest))
+    if missing:
+        raise AdapterFormatError(f"checkpoint {path}: {MANIFEST} does not list {', '.join(missing)}")
 
 
 def find_checkpoint(run_dir: Path, explicit: str | None = None) -> Path | None:

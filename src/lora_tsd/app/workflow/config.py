@@ -83,6 +83,8 @@ class TrainConfig(DictConfig):
     best_checkpoint: bool = option(True, "export the adapter of the best validation evaluation (accuracy), not the "
                                          "last step's (as transformers' load_best_model_at_end)")
     progress: bool = option(True, "show a progress bar")
+    trust_remote_code: bool = option(False, "run the Python code a model folder ships (config.json auto_map); "
+                                            "without it such a model is refused and no code from it runs")
 
     def __post_init__(self) -> None:
         self.check_types()
@@ -102,6 +104,9 @@ class TrainConfig(DictConfig):
             if self.fsdp:
                 raise ConfigError(f"--fsdp supports the lora-tsd methods; run the external {self.external_method} "
                                   "baseline with DDP")
+        from lora_tsd.app.workflow.validation import check_options
+
+        check_options(self)  # ranges and cross-checks (validation.py)
 
     @property
     def eval_interval(self) -> int:

@@ -19,17 +19,20 @@ def load_for_run(cfg: TrainConfig) -> tuple[Any, torch.nn.Module, Any, str, Any]
     """
     from transformers import AutoConfig
 
-    from lora_tsd.app.assets.models import detect_model_kind, load_model, resolve_model
+    from lora_tsd.app.assets.models import checked_model_source, detect_model_kind, load_model
     from lora_tsd.app.assets.tasks import load_task
     from lora_tsd.app.workflow.runners import check_pair
+    from lora_tsd.app.workflow.validation import check_against_data
 
-    source = resolve_model(cfg.model)
+    source = checked_model_source(cfg.model, cfg.trust_remote_code)
     task = load_task(cfg.task, seed=cfg.data_seed, max_train=cfg.max_train, max_eval=cfg.max_eval)
-    kind = detect_model_kind(AutoConfig.from_pretrained(source))
+    check_against_data(cfg, task)
+    kind = detect_model_kind(AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code))
     check_pair(kind, task)
     torch.manual_seed(cfg.seed)  # the classification head's initialization
     num_labels = len(task.labels) if task.kind == "classification" else None
-    model, tokenizer, kind = load_model(source, kind=kind, num_labels=num_labels)
+    model, tokenizer, kind = load_model(source, kind=kind, num_labels=num_labels,
+                                        trust_remote_code=cfg.trust_remote_code)
     runner = make_runner(kind, task, tokenizer, cfg.max_length)
     return task, model, tokenizer, kind, runner
 

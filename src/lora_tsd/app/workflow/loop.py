@@ -379,4 +379,5 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def check_resumable(ckpt: Path | None, out: Path) -> None:
     if ckpt is None:
-        raise ConfigError(f"no checkpoint to resume from in {out / 'checkpoints'}; start the run again")
+        raise ConfigError(f"no checkpoint to resume from in {out / 'checkpoints'}; start the run again with the same "
+                          "options and --overwrite (it replaces this run folder, which lora-tsd created)")

@@ -24,6 +24,8 @@ from typing import Any
 
 from lora_tsd.app.formats import slug
 from lora_tsd.app.workflow.config import ABSENT_MEANS, TrainConfig
+from lora_tsd.app.workflow.ownership import check_replaceable, claim_folder
+from lora_tsd.app.workflow.run_folder import RunFolderLock
 from lora_tsd.atomic import atomic_write
 from lora_tsd.errors import ConfigError
 
@@ -32,17 +34,17 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> bool:
-    """Refuse an existing non-empty folder unless ``overwrite`` (and then only a run folder); True if it must be
-    replaced. Changes nothing."""
+    """Refuse an existing non-empty folder unless ``overwrite`` (and then only a folder lora-tsd created); True if it
+    must be replaced. Changes nothing."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {str(out)!r} is a file; choose another --output-dir")
     if not (out.exists() and any(out.iterdir())):
         return False
     if not overwrite:
         raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite "
                           "to replace it or choose another --output-dir")
-    if not (out / RUN_MARKER).is_file():
-        raise ConfigError(f"--overwrite refuses to delete {str(out)!r}: it is not a lora-tsd run folder "
-                          f"(no {RUN_MARKER})")
+    check_replaceable(out, what="run folder")
     return True
 
 
@@ -70,12 +72,20 @@ def new_run_folder(cfg: TrainConfig, root: Path = RUNS_ROOT) -> Path:
     return candidate
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Create the run folder; refuse an existing non-empty one unless ``overwrite`` (and then only a run folder)."""
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool, lock: RunFolderLock | None = None) -> Path:
+    """Create the run folder and mark it as lora-tsd's; refuse an existing non-empty one unless ``overwrite``, and
+    then delete it only if lora-tsd created it (:mod:`~lora_tsd.app.workflow.ownership`) and no live run holds
+    its ``lock``."""
     out = Path(path)
     if check_output_dir(out, overwrite):
+        if lock is not None:
+            lock.check_free(out)
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        claim_folder(out, "run")
+    except OSError as err:
+        raise ConfigError(f"cannot create output directory {str(out)!r}: {err.strerror or err}") from None
     return out
 
 

@@ -21,6 +21,9 @@ from lora_tsd.app.workflow.config import EXTERNAL_METHODS, TrainConfig
 from lora_tsd.app.workflow.export_card import base_reference, label_maps, model_card
 from lora_tsd.app.workflow.loading import evaluate_split, load_for_run
 from lora_tsd.app.workflow.outputs import RUN_MARKER, new_run_folder, prepare_output_dir, read_run_config
+from lora_tsd.app.workflow.ownership import check_replaceable, claim_folder
+from lora_tsd.app.workflow.run_folder import RunFolderLock
+from lora_tsd.app.workflow.validation import check_checkpoint_belongs
 from lora_tsd.atomic import atomic_write, atomic_write_json
 from lora_tsd.errors import ConfigError
 from lora_tsd.peft_export import export_peft
@@ -64,12 +67,17 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
         print(f"run folder: {out}", flush=True)
         preflight.emit(preflight.option_warnings(cfg))
     ckpt = None
+    lock = RunFolderLock()  # one writer per run folder (run_folder.py); held until this function returns
     if resume:
         cfg = read_run_config(out).with_options(progress=cfg.progress)
         ckpt = find_checkpoint(out, resume_from)
         loop.check_resumable(ckpt, out)
+        check_checkpoint_belongs(ckpt, cfg)  # type: ignore[arg-type] - check_resumable refused None
+        if accelerator.is_main_process:
+            lock.acquire(out)
     elif accelerator.is_main_process:
-        prepare_output_dir(out, cfg.overwrite)
+        prepare_output_dir(out, cfg.overwrite, lock)
+        lock.acquire(out)
         atomic_write_json(out / RUN_MARKER, cfg.to_dict())
     accelerator.wait_for_everyone()
     state = loop.LoopState(cfg, out, accelerator, CallbackList([preflight.DataPreflight(), *callbacks]), started)
@@ -85,6 +93,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, resume_from: str | None
                 and not (out / "summary.json").is_file()):
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        lock.release()
 
 
 def _agreed_new_run_folder(cfg: TrainConfig, accelerator: Any) -> str:
@@ -127,14 +137,22 @@ def export_run(run_dir: str, out_dir: str, merged: bool = False, overwrite: bool
 
     cfg = read_run_config(run_dir)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"--out {str(out)!r} is a file or a symbolic link; give a folder path")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite")
+        check_replaceable(out, protected=(Path(run_dir),), what="export folder")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists() or tmp.is_symlink():  # left by a crashed export; never someone else's folder
+        check_replaceable(tmp, flag="export", what="export folder")
     task, base, tokenizer, kind, _ = load_for_run(cfg)
     model = load_any_adapter(base, Path(run_dir) / "adapter")
     reference = base_reference(cfg.model)
     labels = list(task.labels) if kind == "encoder" else []
-    tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    claim_folder(tmp, "export")
     external = cfg.method in EXTERNAL_METHODS  # a PEFT model (DoRA): PEFT merges and saves it
     if merged:
         plain = model.merge_and_unload() if external else merge(model)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_tsd.app.errors import DataError
+from lora_tsd.config import short_repr
 from lora_tsd.errors import ConfigError
 
 __all__ = [
@@ -167,6 +168,11 @@ def _check_multiple_choice(example: Mapping[str, Any], n_labels: int | None, whe
         raise DataError(f"{where}: 'label' must be the integer index of the right choice, got {label!r}")
     if not 0 <= label < len(choices):
         raise DataError(f"{where}: label {label} out of range [0, {len(choices)}) for {len(choices)} choices")
+    if any(not c.strip() for c in choices):
+        raise DataError(f"{where}: choice {[c.strip() for c in choices].index('')} is empty")
+    if len(set(choices)) != len(choices):
+        repeated = next(c for c in choices if choices.count(c) > 1)
+        raise DataError(f"{where}: choice {short_repr(repeated)} appears twice; the choices must differ")
 
 
 def _check_generation(example: Mapping[str, Any], n_labels: int | None, where: str) -> None:

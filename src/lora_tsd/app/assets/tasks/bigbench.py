@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lora_tsd.app.assets.download_cache import build_once, cache_dir, fetch_pypi_file, is_complete, say
+from lora_tsd.app.assets.safe_extract import copy_tar_member
 from lora_tsd.app.assets.tasks.base import TASK_KINDS, Example, Task, cap_splits, exact_match, make_splits
 from lora_tsd.app.errors import DataError
 from lora_tsd.errors import ConfigError
@@ -136,7 +137,7 @@ def _extract_task(archive: Path, task_path: str, target: Path) -> None:
             _note_names(member.name, task_path, seen_tasks, seen_subtasks)
             if member.name.startswith(prefix):
                 found = True
-                _copy_member(stream, member, target / member.name[len(prefix) :])
+                copy_tar_member(stream, member, target, member.name[len(prefix) :], archive=archive.name)
             elif found:
                 break
     if not found:
@@ -151,19 +152,6 @@ def _note_names(name: str, task_path: str, tasks: set[str], subtasks: set[str]) 
         tasks.add(parts[0])
         if parts[0] == task_path.split("/")[0] and len(parts) >= 3 and parts[1]:
             subtasks.add(parts[1])
-
-
-def _copy_member(stream: tarfile.TarFile, member: tarfile.TarInfo, destination: Path) -> None:
-    if not member.isfile():  # folders are made as needed; links and devices are never written
-        return
-    if ".." in Path(member.name).parts:
-        return
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    source = stream.extractfile(member)
-    assert source is not None
-    with open(destination, "wb") as sink:
-        while chunk := source.read(1 << 20):
-            sink.write(chunk)
 
 
 def _unknown_task_error(task_path: str, tasks: set[str], subtasks: set[str]) -> ConfigError:

@@ -30,6 +30,7 @@ from typing import Any
 
 from lora_tsd.app.assets.tasks.base import SPLITS, Example, Task, cap_splits, check_example, infer_kind, make_splits
 from lora_tsd.app.errors import DataError
+from lora_tsd.config import short_repr
 from lora_tsd.errors import ConfigError
 
 __all__ = ["load_jsonl_task", "read_jsonl"]
@@ -54,6 +55,8 @@ def read_jsonl(path: Path) -> tuple[list[Example], list[int]]:
             value = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{number}: malformed JSON: {error.msg} (column {error.colno})") from error
+        except RecursionError:
+            raise DataError(f"{path}:{number}: the JSON is nested too deeply to be an example") from None
         if not isinstance(value, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
         examples.append(value)
@@ -155,8 +158,20 @@ def _resolve_classification_labels(parsed: _Parsed, names: list[str] | None) -> 
                 example["label"] = index[example["label"]]
         return names
     if names is None:
-        highest = max(e["label"] for exs in parsed.splits.values() for e in exs)
+        highest, where = max((e["label"], origin) for split, exs in parsed.splits.items()
+                             for e, origin in zip(exs, parsed.origins[split], strict=True))
+        present = {e["label"] for exs in parsed.splits.values() for e in exs}
+        if highest >= 0 and len(present) < highest + 1:  # ids must be 0..K-1, else a K-class head is guessed
+            absent = sorted(set(range(highest + 1)) - present)
+            raise DataError(f"{where}: label {highest} would make {highest + 1} classes, but ids "
+                            f"{short_repr(absent)} never occur; class ids must be 0..K-1 (or give the class names "
+                            "in labels.json)")
         names = [str(i) for i in range(highest + 1)]
+    train = parsed.splits.get("train") or [e for exs in parsed.splits.values() for e in exs]
+    train_labels = {e["label"] for e in train}
+    if len(train_labels) < 2:
+        raise DataError(f"{parsed.kind_origin}: the training data has {len(train_labels)} class(es); a classifier "
+                        "needs examples of at least two")
     for split, examples in parsed.splits.items():
         for example, origin in zip(examples, parsed.origins[split], strict=True):
             check_example(example, "classification", len(names), origin)
