@@ -35,7 +35,8 @@ def gradient_probe(
             and keeping only each group's selected directions, so the probe's peak memory holds one group's
             fp32 gradients instead of every adapted weight's (about the model's size in fp32). Every layer's
             ``G`` is the same sum in the same order as with all layers at once, so the selected directions
-            are exactly the same; the cost is one pass over ``batches`` per group. ``None``: one group.
+            are exactly the same (the random generators are rewound for each replay, so dropout draws the same
+            masks); the cost is one pass over ``batches`` per group. ``None``: one group.
 
     Returns:
         The accumulated gradients per layer name with ``group_size=None``; ``{}`` with groups (they are freed
@@ -57,8 +58,10 @@ def gradient_probe(
     world = rank_and_world()[1]
     workers = switch_workers(adapters.first)
     selections = []
+    rng = _rng_state()
     for start in range(0, len(layers), group_size):
         group = layers[start:start + group_size]
+        _set_rng_state(rng)  # each replay draws the first pass's dropout masks; the last leaves the RNG as one pass
         grads = _accumulate(model, group, batches, loss_fn)
         # The switch's thread layout (workers × threads each), so the SVDs' last bits are the full probe's too.
         with intra_op_threads(max(1, torch.get_num_threads() // workers)), \
@@ -114,3 +117,16 @@ def _gradient_hook(accumulator: torch.Tensor) -> Callable:
         output.register_hook(on_grad)
 
     return hook
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The CPU generator's state and, when CUDA is initialized, every CUDA device's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.random.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

@@ -210,12 +210,16 @@ def test_grouped_gradient_probe_selects_exactly_the_full_probes_directions(metho
     states = []
     for size in (None, group_size):
         model = MODEL_FACTORIES[kind]()
-        lora_tsd.attach(model, config_for(method, kind, init_estimator="gradient", prelaunch_steps=0))
+        lora_tsd.attach(model, config_for(method, kind, init_estimator="gradient", prelaunch_steps=0,
+                                          dropout=0.3))  # replays must draw the same masks
+        model.train()
+        torch.manual_seed(7)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         out = lora_tsd.gradient_probe(model, iter(batches), lambda m, ids: m(ids, labels=ids).loss, opt,
                                       group_size=size)
         assert (out == {}) == (size is not None)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
+        states[-1]["rng_after"] = torch.random.get_rng_state()  # the generator ends where one pass leaves it
         assert all(p.grad is None for p in model.parameters())
     full, grouped = states
     assert full.keys() == grouped.keys()

@@ -64,6 +64,9 @@ class TrainConfig(DictConfig):
                                       "are kept)")
     probe_batches: int = option(8, "micro-batches of the gradient probe (init/tsd with the gradient estimator switch "
                                    "before training, ranking by the accumulated full-weight gradient)")
+    probe_groups: int = option(8, "the gradient probe accumulates the full-weight gradients of one group of layers "
+                                  "at a time, replaying its batches per group (same directions; peak memory about "
+                                  "1/N of the adapted weights in fp32 instead of all of them); 1: all at once")
     skip_nonfinite: bool = option(False, "skip optimizer steps whose loss or gradient is NaN/inf (counted in the "
                                          "log) instead of stopping")
     fsdp: bool = option(False, "shard with FSDP2 (fully_shard) when launched on several processes (torchrun / "
@@ -75,7 +78,8 @@ class TrainConfig(DictConfig):
 
     def __post_init__(self) -> None:
         self.check_types()
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "probe_batches"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "probe_batches",
+                     "probe_groups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):

@@ -151,7 +151,7 @@ def _probe(state: LoopState, model: torch.nn.Module) -> None:
             return state.runner.loss(module, batch, state.device)
 
     model.train()
-    state.backend.probe(model, batches, probe_loss, state.optimizer)
+    state.backend.probe(model, batches, probe_loss, state.optimizer, cfg.probe_groups)
     model.zero_grad(set_to_none=True)
     state.say(f"gradient probe over {cfg.probe_batches} batches: {cfg.method} selected its directions before "
               "training")
