@@ -336,6 +336,7 @@ def load_model(
     kind: str | None = None,
     num_labels: int | None = None,
     dtype: torch.dtype = torch.float32,
+    quantization_config: Any = None,
 ) -> tuple[Any, Any, str]:
     """Load a model and its tokenizer for training.
 
@@ -346,6 +347,8 @@ def load_model(
             sequence-classification head (seed torch before calling for a reproducible head). Ignored for
             decoders, which score label words with their LM head.
         dtype: parameter dtype of the loaded model.
+        quantization_config: a transformers ``BitsAndBytesConfig`` to load a quantized base (on the GPU when
+            there is one, else the CPU); ``None``: dense.
 
     Returns:
         ``(model, tokenizer, kind)``: an ``AutoModelForSequenceClassification`` for encoders or an
@@ -365,12 +368,17 @@ def load_model(
     elif kind not in MODEL_KINDS:
         raise ConfigError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
     tokenizer = AutoTokenizer.from_pretrained(source)
+    extra: dict[str, Any] = {}
+    if quantization_config is not None:
+        extra = {"quantization_config": quantization_config,
+                 "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
     if kind == "encoder":
         if num_labels is None or num_labels < 1:
             raise ConfigError(f"an encoder needs num_labels >= 1 for its classification head, got {num_labels}")
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype,
+                                                                   **extra)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     _ensure_pad_token(tokenizer, model)
     model.eval()
     return model, tokenizer, kind

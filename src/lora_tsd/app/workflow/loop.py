@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lora_tsd import __version__
+from lora_tsd.app.workflow.acceleration import prepare_model, quantization_summary
 from lora_tsd.app.workflow.backends import make_backend
 from lora_tsd.app.workflow.callbacks import CallbackList
 from lora_tsd.app.workflow.checkpoint import load_trainer_state, save_checkpoint
@@ -118,6 +119,7 @@ def setup(state: LoopState, ckpt: Path | None, svd_cache: Path | None, backend: 
     elif state.backend.needs_probe:
         _probe(state, model)
     state.plain_optimizer = state.optimizer
+    prepare_model(model, compile=cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing)
     if not state.sharded:  # DDP (or nothing) from accelerate; FSDP2 modules were sharded above
         model, state.optimizer = state.accelerator.prepare(model, state.optimizer)
     state.model, state.core = model, state.accelerator.unwrap_model(model)
@@ -305,6 +307,7 @@ def _summary(state: LoopState, after: dict[str, Any]) -> dict[str, Any]:
         "processes": state.accelerator.num_processes,
         "wall_time_s": round(time.time() - state.started, 2),
         "peak_memory_mb": _peak_memory_mb(state.device),
+        **({"quantization": quantization_summary(state.core, cfg.quantize)} if cfg.quantize else {}),
         "outputs": {**state.backend.outputs(out), "metrics": str(out / METRICS_FILE)},
     }
 
