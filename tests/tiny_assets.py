@@ -42,10 +42,12 @@ def make_encoder(path: Path, dropout: float = 0.1) -> Path:
     return path
 
 
-def make_decoder(path: Path) -> Path:
+def make_decoder(path: Path, hidden_size: int = 32, intermediate_size: int = 64) -> Path:
+    """A tiny Llama; bitsandbytes' CPU 4-bit kernel needs every in-feature count a multiple of 64."""
     tok = _tokenizer(path, encoder=False)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       tie_word_embeddings=False)

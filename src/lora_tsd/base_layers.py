@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .quantized import is_quantized
+
 #: Where transformers defines ``Conv1D`` (a class of that name defined elsewhere is not taken for it).
 _CONV1D_MODULE = "transformers.pytorch_utils"
 
@@ -19,11 +21,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer type :class:`~lora_tsd.layer.TSDLinear` can wrap."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """Whether ``module`` is a layer type :class:`~lora_tsd.layer.TSDLinear` can wrap (bitsandbytes' quantized
+    linear layers included)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized(module)
 
 
 def base_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` of an adaptable layer, whatever its storage layout."""
+    """``(out, in)`` of an adaptable layer, whatever its storage layout (a packed 4-bit weight included)."""
+    if is_quantized(module):
+        return module.out_features, module.in_features
     n_rows, n_cols = module.weight.shape
     return (n_cols, n_rows) if is_conv1d(module) else (n_rows, n_cols)

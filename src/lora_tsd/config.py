@@ -168,6 +168,10 @@ class TSDConfig(DictConfig):
               "default when prelaunch_steps is given)")
     dash_placement: str = option("shared", "LoRA-TSD: dash on the shared top-s (shared) or on the next s "
                                            "directions (next)")
+    requantize_residual: bool = option(
+        False, "quantized (bitsandbytes) bases, init-style methods: re-quantize the residual W - U_T S_T V_T^T into "
+               "the base at the switch (as QPiSSA/LoftQ) instead of keeping the quantized W and subtracting the "
+               "components in the adapter (exact; the default, see docs/performance.md)")
     eps: float = option(DEFAULT_EPS, "relative ε of the change rate: ε = eps·σ₁")
     seed: int = option(0, "seed of A's initialization and of the random selector")
     modules_to_save: list[str] = option(help="names (suffixes) of extra modules trained in full and saved with "

@@ -28,7 +28,9 @@ from torch import nn
 from .base_layers import base_shape, is_conv1d
 from .config import TSDConfig
 from .directions import ThinSVD
+from .errors import ConfigError
 from .fingerprint import FINGERPRINT_BYTES, fingerprint_tensor, weight_fingerprint
+from .quantized import dense_copy, dequantized_weight, keep_trainable_layout, quantization_kind, requantize
 from .sharding import assign, full
 
 PHASE_PRELAUNCH = 0
@@ -76,6 +78,12 @@ class TSDLinear(nn.Module):
         # would force a device sync. They are derived state, refreshed wherever the buffers change.
         self._merged = False
         self._switched = False
+        #: ``nf4`` / ``fp4`` / ``int8`` for a bitsandbytes base, else None (quantized.py).
+        self.quantization = quantization_kind(base_layer)
+        keep_trainable_layout(base_layer)
+        #: After an Init switch on a quantized base: ‖Q(W_res) − W_res‖/‖W_res‖ when the residual was
+        #: re-quantized (requantize_residual), else None.
+        self.residual_quant_error: float | None = None
 
     # ---------------------------------------------------------------------------------------- helpers
 
@@ -96,16 +104,24 @@ class TSDLinear(nn.Module):
 
     def weight_view(self) -> torch.Tensor:
         """The base weight as an ``(out, in)`` view sharing storage (in-place edits reach the base layer)."""
+        if self.quantization:
+            raise ConfigError(f"the {self.quantization} base weight has no dense view; use full_weight()")
         w = self.base_layer.weight
         return w.T if is_conv1d(self.base_layer) else w
 
     def full_weight(self) -> torch.Tensor:
         """The whole ``(out, in)`` base weight, also when FSDP2 has sharded it (collective then)."""
+        if self.quantization:
+            return dequantized_weight(self.base_layer)
         w = full(self.base_layer.weight)
         return w.T if is_conv1d(self.base_layer) else w
 
     def _set_weight(self, value: torch.Tensor) -> None:
-        """Write a whole ``(out, in)`` base weight (each rank keeps its shard under FSDP2)."""
+        """Write a whole ``(out, in)`` base weight (each rank keeps its shard under FSDP2; a quantized base is
+        re-quantized, its relative error kept in ``residual_quant_error``)."""
+        if self.quantization:
+            self.residual_quant_error = requantize(self.base_layer, value)
+            return
         assign(self.base_layer.weight, value.T if is_conv1d(self.base_layer) else value)
 
     @property
@@ -120,7 +136,8 @@ class TSDLinear(nn.Module):
 
     def record_base_fingerprint(self) -> None:
         """Store the fingerprint of the (original, pretrained) base weight in its buffer."""
-        self.base_fingerprint.copy_(fingerprint_tensor(weight_fingerprint(self.weight_view())))
+        stored = self.base_layer.weight if self.quantization else self.weight_view()  # packed bytes if quantized
+        self.base_fingerprint.copy_(fingerprint_tensor(weight_fingerprint(stored)))
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -154,12 +171,21 @@ class TSDLinear(nn.Module):
             A = torch.cat([A, self.init_A0], dim=0)
         return B, A
 
+    @property
+    def carries_init(self) -> bool:
+        """Whether the base still holds the components an Init switch selected, and the adapter subtracts them
+        (a quantized base without ``requantize_residual``: W_res = Q(W) − U_T Σ_T V_Tᵀ exactly)."""
+        return (self._switched and bool(self.quantization) and bool(self.config.init_size)
+                and not self.config.requantize_residual)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self._merged:
             return result
         B, A = self.factors()
         x = x.to(A.dtype)
+        if self.carries_init:  # part of the (residual) base: no dropout
+            result = result - F.linear(F.linear(x, self.init_A0), self.scaling * self.init_B0).to(result.dtype)
         if self._switched and self.dash_c is not None and isinstance(self.dropout, nn.Dropout):
             # Independent masks for the LoRA and the dash term (the authors' code draws two).
             z = torch.cat([F.linear(self.dropout(x), self.lora_A), F.linear(self.dropout(x), self.dash_V.T)], dim=-1)
@@ -215,7 +241,12 @@ class TSDLinear(nn.Module):
         return (self.scaling * self.init_B0) @ self.init_A0
 
     def remove_init_components(self) -> None:
-        """``W ← W − U_T diag(σ_T) V_Tᵀ``: the one place the base weight is residualized (switch and load)."""
+        """``W ← W − U_T diag(σ_T) V_Tᵀ``: the one place the base weight is residualized (switch and load).
+
+        A quantized base is re-quantized only with ``requantize_residual``; else it stays and the forward
+        subtracts the components (:attr:`carries_init`)."""
+        if self.quantization and not self.config.requantize_residual:
+            return
         w = self.full_weight()
         self._set_weight(w - self.init_component().to(device=w.device, dtype=w.dtype))
 
@@ -232,14 +263,27 @@ class TSDLinear(nn.Module):
         return B @ A
 
     def merge(self) -> None:
-        """Fold the adapter into the base weight in place; the forward then skips the adapter."""
+        """Fold the adapter into the base weight in place; the forward then skips the adapter. A quantized base
+        is first replaced by a dense ``nn.Linear`` of its dequantized (residual) weight: merged is dense."""
         if self._merged:
             return
+        if self.quantization:
+            self.dequantize_base()
         w = self.weight_view()
         with torch.no_grad():
             w.add_(self.delta_weight().to(device=w.device, dtype=w.dtype))
         self.merged.fill_(True)
         self._merged = True
+
+    def dequantize_base(self) -> None:
+        """Replace a quantized base layer by a dense ``nn.Linear`` of the weight it stands for (fp32 math);
+        a carried Init component is subtracted into it, so the outputs stay the same."""
+        with torch.no_grad():
+            dense = self.full_weight()
+            if self.carries_init:
+                dense = dense - self.init_component().to(dense.device)
+        self.base_layer = dense_copy(self.base_layer, dense)
+        self.quantization = None
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` (up to the base dtype's rounding)."""

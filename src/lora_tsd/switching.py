@@ -128,6 +128,37 @@ def switch(
         reset_optimizer_state(optimizer, switched_parameters(adapters))
 
 
+def select_for_layer(name: str, layer: TSDLinear, index: int, estimate: torch.Tensor | None = None,
+                     svd_cache: str | os.PathLike | None = None) -> tuple[ThinSVD, torch.Tensor]:
+    """The directions :func:`switch` would select for one layer (whole tensors; no collective, no change).
+
+    Args:
+        name: the layer's name in the model (for errors).
+        index: the layer's position among the adapted layers (seeds the random selector).
+        estimate: a dense ``(out, in)`` change to rank by; ``None``: the layer's pre-launch update.
+
+    Returns:
+        ``(ranked, indices)``: the needed directions most important first, ``U (out, K)``, ``S (K,)``,
+        ``Vh (K, in)``, and their ``(K,)`` indices in descending-σ order.
+    """
+    estimates = None if estimate is None else {name: estimate}
+    return _select_for_layer(name, layer, layer.config, index, estimates, _switch_inputs(layer), svd_cache)
+
+
+def apply_selections(adapters: AdapterSet, selections: list[tuple[ThinSVD, torch.Tensor]],
+                     optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Switch every layer to its precomputed selection (from :func:`select_for_layer`, in layer order)."""
+    config = adapters.config
+    if any(layer.is_switched for _, layer in adapters):
+        raise ConfigError("the adapters have already switched")
+    ri, s = config.init_size, config.dash_size
+    dash_start = ri if (ri and s and config.dash_placement == "next") else 0
+    for (_, layer), (ranked, indices) in zip(adapters, selections, strict=True):
+        layer.apply_switch(ranked, indices, ri, dash_start, s)
+    if optimizer is not None:
+        reset_optimizer_state(optimizer, switched_parameters(adapters))
+
+
 def switched_parameters(adapters: AdapterSet) -> list[nn.Parameter]:
     """The parameters a switch re-initializes, whose optimizer state it resets: A and B for init-style methods
     (their pre-launch moments belong to discarded values), and the dash coefficients c. c sits in the optimizer

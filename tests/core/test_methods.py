@@ -200,6 +200,44 @@ def test_gradient_probe_ranks_by_the_full_weight_gradient():
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
 
 
+@pytest.mark.parametrize("method", ["init", "tsd"])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_grouped_gradient_probe_selects_exactly_the_full_probes_directions(method, group_size):
+    """The low-memory probe (one group of layers at a time, batches replayed per group) selects the same
+    indices as the all-layers probe, leaves the same buffers and base weights, and keeps the outputs."""
+    kind = "llama"
+    batches = [token_batch(s) for s in range(3)]
+    states = []
+    for size in (None, group_size):
+        model = MODEL_FACTORIES[kind]()
+        lora_tsd.attach(model, config_for(method, kind, init_estimator="gradient", prelaunch_steps=0,
+                                          dropout=0.3))  # replays must draw the same masks
+        model.train()
+        torch.manual_seed(7)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        out = lora_tsd.gradient_probe(model, iter(batches), lambda m, ids: m(ids, labels=ids).loss, opt,
+                                      group_size=size)
+        assert (out == {}) == (size is not None)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        states[-1]["rng_after"] = torch.random.get_rng_state()  # the generator ends where one pass leaves it
+        assert all(p.grad is None for p in model.parameters())
+    full, grouped = states
+    assert full.keys() == grouped.keys()
+    idx_keys = [k for k in full if k.endswith(("init_idx", "dash_idx"))]
+    assert len(idx_keys) >= 6
+    for k in idx_keys:  # exactly the same directions
+        assert torch.equal(full[k], grouped[k]), k
+    for k in full:  # the same G; the SVDs' last bits may follow the thread layout (switch's docstring)
+        assert torch.allclose(full[k].float(), grouped[k].float(), rtol=0, atol=1e-7), k
+
+
+def test_grouped_gradient_probe_refuses_a_bad_group_size():
+    model = MODEL_FACTORIES["llama"]()
+    lora_tsd.attach(model, config_for("init", "llama", init_estimator="gradient", prelaunch_steps=0))
+    with pytest.raises(lora_tsd.ConfigError, match=r"group_size must be a positive integer or None, got 0"):
+        lora_tsd.gradient_probe(model, [token_batch(0)], lambda m, ids: m(ids, labels=ids).loss, group_size=0)
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_switch_in_parallel_selects_what_the_serial_switch_selects(workers):
     """The CPU switch decomposes several layers at once; it is a drop-in for the serial one: same directions,

@@ -345,6 +345,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     need_tokenizer: bool = True,
+    quantization_config: Any = None,
 ) -> tuple[Any, Any, str]:
     """Load a model and its tokenizer for training.
 
@@ -359,6 +360,8 @@ def load_model(
             are never read (:mod:`lora_tsd.app.assets.model_files`).
         need_tokenizer: refuse a folder without tokenizer files (off where only the weights are compared, as
             for a fully fine-tuned checkpoint in ``lora-tsd analyze spectrum``).
+        quantization_config: a transformers ``BitsAndBytesConfig`` to load a quantized base (on the GPU when
+            there is one, else the CPU); ``None``: dense.
 
     Returns:
         ``(model, tokenizer, kind)``: an ``AutoModelForSequenceClassification`` for encoders or an
@@ -379,13 +382,17 @@ def load_model(
     elif kind not in MODEL_KINDS:
         raise ConfigError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
     tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+    extra: dict[str, Any] = {}
+    if quantization_config is not None:
+        extra = {"quantization_config": quantization_config,
+                 "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
     if kind == "encoder":
         if num_labels is None or num_labels < 1:
             raise ConfigError(f"an encoder needs num_labels >= 1 for its classification head, got {num_labels}")
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype,
-                                                                   use_safetensors=True, **remote)
+                                                                   use_safetensors=True, **remote, **extra)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **remote)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **remote, **extra)
     _ensure_pad_token(tokenizer, model)
     model.eval()
     return model, tokenizer, kind

@@ -43,8 +43,11 @@ class TSDBackend:
         """Whether the method switches before training, on a gradient probe (``init_estimator='gradient'``)."""
         return self.config.switches_on_probe
 
-    def probe(self, model: nn.Module, batches: Any, loss_fn: Any, optimizer: Any) -> None:
-        gradient_probe(model, batches, loss_fn, optimizer)
+    def probe(self, model: nn.Module, batches: Any, loss_fn: Any, optimizer: Any, groups: int = 1) -> None:
+        """The gradient probe over ``groups`` groups of layers (1: all at once)."""
+        n_layers = len(require_adapters(model, "probe"))
+        group_size = None if groups == 1 else -(-n_layers // groups)
+        gradient_probe(model, batches, loss_fn, optimizer, group_size=group_size)
 
     def phase(self, core: nn.Module) -> str:
         return require_adapters(core, "phase").phase_name

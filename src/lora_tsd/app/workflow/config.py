@@ -19,7 +19,7 @@ from lora_tsd.errors import ConfigError
 #: The adapter options a run exposes (the rest of TSDConfig: ``seed`` is the run's seed, ``modules_to_save`` is the
 #: task's head, ``eps`` keeps the library default).
 ADAPTER_OPTIONS = ("method", "r", "alpha", "dropout", "target_modules", "prelaunch_steps", "dash_directions",
-                   "init_directions", "selector", "init_estimator", "dash_placement")
+                   "init_directions", "selector", "init_estimator", "dash_placement", "requantize_residual")
 #: Baselines trained by PEFT instead of a lora-tsd adapter, with the adapter's r, alpha, dropout and targets.
 EXTERNAL_METHODS = ("dora",)
 #: The learning rates ``--lr auto`` tries by default (short runs on validation; app/experiments/lr_search.py).
@@ -73,6 +73,14 @@ class TrainConfig(DictConfig):
                                       "are kept)")
     probe_batches: int = option(8, "micro-batches of the gradient probe (init/tsd with the gradient estimator switch "
                                    "before training, ranking by the accumulated full-weight gradient)")
+    probe_groups: int = option(8, "the gradient probe accumulates the full-weight gradients of one group of layers "
+                                  "at a time, replaying its batches per group (same directions; peak memory about "
+                                  "1/N of the adapted weights in fp32 instead of all of them); 1: all at once")
+    quantize: str | None = option(None, "load the base quantized by bitsandbytes: nf4, fp4 (4-bit, QLoRA-style) or "
+                                        "int8; the adapter trains on top (docs/performance.md, Issue 20)")
+    compile: bool = option(False, "torch.compile the model's forward (after the gradient probe)")
+    gradient_checkpointing: bool = option(False, "recompute each transformer layer's activations in the backward "
+                                                 "(less memory, about one more forward)")
     skip_nonfinite: bool = option(False, "skip optimizer steps whose loss or gradient is NaN/inf (counted in the "
                                          "log) instead of stopping")
     fsdp: bool = option(False, "shard with FSDP2 (fully_shard) when launched on several processes (torchrun / "
@@ -88,12 +96,18 @@ class TrainConfig(DictConfig):
 
     def __post_init__(self) -> None:
         self.check_types()
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "probe_batches"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "probe_batches",
+                     "probe_groups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be an integer ≥ 0, got {getattr(self, name)!r}")
+        if self.quantize is not None and self.quantize not in ("nf4", "fp4", "int8"):
+            raise ConfigError(f"quantize must be one of nf4, fp4, int8, got {self.quantize!r}")
+        if self.quantize is not None and (self.fsdp or self.external_method is not None):
+            raise ConfigError("quantize trains lora-tsd adapters on one process per model copy; it does not combine "
+                              "with --fsdp or the external baselines")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if self.external_method is not None:

@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
+from lora_tsd.app.workflow.acceleration import quantization_config
 from lora_tsd.app.workflow.config import TrainConfig
 from lora_tsd.app.workflow.runners import EncoderClassifier, make_runner
+from lora_tsd.quantized import keep_trainable_layout
 
 
 def load_for_run(cfg: TrainConfig) -> tuple[Any, torch.nn.Module, Any, str, Any]:
@@ -32,7 +34,11 @@ def load_for_run(cfg: TrainConfig) -> tuple[Any, torch.nn.Module, Any, str, Any]
     torch.manual_seed(cfg.seed)  # the classification head's initialization
     num_labels = len(task.labels) if task.kind == "classification" else None
     model, tokenizer, kind = load_model(source, kind=kind, num_labels=num_labels,
-                                        trust_remote_code=cfg.trust_remote_code)
+                                        trust_remote_code=cfg.trust_remote_code,
+                                        quantization_config=quantization_config(cfg.quantize))
+    if cfg.quantize:  # gradients must flow through the frozen quantized layers too (quantized.py)
+        for module in model.modules():
+            keep_trainable_layout(module)
     runner = make_runner(kind, task, tokenizer, cfg.max_length)
     return task, model, tokenizer, kind, runner
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lora_tsd import __version__
+from lora_tsd.app.workflow.acceleration import prepare_model, quantization_summary
 from lora_tsd.app.workflow.backends import make_backend
 from lora_tsd.app.workflow.best_checkpoint import BEST_METRIC, BEST_STATE, BestCheckpoint
 from lora_tsd.app.workflow.callbacks import CallbackList
@@ -129,6 +130,7 @@ def setup(state: LoopState, ckpt: Path | None, svd_cache: Path | None, backend: 
     elif state.backend.needs_probe:
         _probe(state, model)
     state.plain_optimizer = state.optimizer
+    prepare_model(model, compile=cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing)
     if not state.sharded:  # DDP (or nothing) from accelerate; FSDP2 modules were sharded above
         model, state.optimizer = state.accelerator.prepare(model, state.optimizer)
     state.model, state.core = model, state.accelerator.unwrap_model(model)
@@ -162,7 +164,7 @@ def _probe(state: LoopState, model: torch.nn.Module) -> None:
             return state.runner.loss(module, batch, state.device)
 
     model.train()
-    state.backend.probe(model, batches, probe_loss, state.optimizer)
+    state.backend.probe(model, batches, probe_loss, state.optimizer, cfg.probe_groups)
     model.zero_grad(set_to_none=True)
     state.say(f"gradient probe over {cfg.probe_batches} batches: {cfg.method} selected its directions before "
               "training")
@@ -367,6 +369,7 @@ def _summary(state: LoopState, after: dict[str, Any], exported: dict[str, Any], 
         "processes": state.accelerator.num_processes,
         "wall_time_s": round(time.time() - state.started, 2),
         "peak_memory_mb": _peak_memory_mb(state.device),
+        **({"quantization": quantization_summary(state.core, cfg.quantize)} if cfg.quantize else {}),
         "outputs": {**state.backend.outputs(out), "metrics": str(out / METRICS_FILE)},
     }
 
