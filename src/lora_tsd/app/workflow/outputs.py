@@ -26,16 +26,17 @@ RUN_MARKER = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Create the run folder; refuse an existing non-empty one unless ``overwrite`` (and then only a run folder)."""
+def prepare_output_dir(path: str | os.PathLike, overwrite: bool, marker: str = RUN_MARKER) -> Path:
+    """Create the run folder; refuse an existing non-empty one unless ``overwrite`` (and then only a run folder,
+    recognised by its ``marker`` file)."""
     out = Path(path)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite "
                               "to replace it or choose another --output-dir")
-        if not (out / RUN_MARKER).is_file():
+        if not (out / marker).is_file():
             raise ConfigError(f"--overwrite refuses to delete {str(out)!r}: it is not a lora-tsd run folder "
-                              f"(no {RUN_MARKER})")
+                              f"(no {marker})")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
