@@ -109,7 +109,7 @@ def normalize_targets(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def load_config_file(path: str) -> dict[str, Any]:
+def load_config_file(path: str, config_cls: type = TrainConfig) -> dict[str, Any]:
     """The options of a YAML or JSON file (keys as the flags, with ``_`` or ``-``); unknown keys refused."""
     import yaml
 
@@ -128,7 +128,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config file {path!r} must hold a mapping of option names to values")
-    known = TrainConfig.option_names()
+    known = config_cls.option_names()
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(known))
     if unknown:

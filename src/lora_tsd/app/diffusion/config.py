@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lora_tsd.app.workflow.config import ADAPTER_OPTIONS, EXTERNAL_METHODS, TrainConfig, default_adapter
+from lora_tsd.app.workflow.config import ADAPTER_OPTIONS, EXTERNAL_METHODS, TrainConfig
 from lora_tsd.config import DictConfig, TSDConfig, option, short_repr
 from lora_tsd.errors import ConfigError
 
@@ -44,6 +44,8 @@ class DreamBoothConfig(DictConfig):
     seed: int = option(0, "seed of initialization, image order, noise and timesteps")
     checkpoint_every: int = option(0, "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 "
                                       "are kept)")
+    probe_batches: int = option(4, "images of the gradient probe (init/tsd with the gradient estimator switch before "
+                                   "training, ranking by the accumulated full-weight gradient)")
     samples: int = option(2, "sample images for the instance prompt before and after training (seeds 0..N-1)")
     sample_steps: int = option(25, "denoising steps of each sample")
     guidance_scale: float = option(5.0, "classifier-free guidance of the samples")
@@ -56,7 +58,7 @@ class DreamBoothConfig(DictConfig):
                 raise ConfigError(f"--{name} is required")
         if (self.class_images is None) != (self.class_prompt is None):
             raise ConfigError("prior preservation needs both --class-images and --class-prompt")
-        for name in ("steps", "resolution", "sample_steps"):
+        for name in ("steps", "resolution", "sample_steps", "probe_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("checkpoint_every", "warmup_steps", "samples"):

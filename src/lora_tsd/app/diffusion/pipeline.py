@@ -17,10 +17,9 @@ def load_pipeline(model: str) -> Any:
     from diffusers import DiffusionPipeline
 
     path = Path(model)
-    if path.exists():
-        if not (path / MODEL_INDEX).is_file():
-            raise DataError(f"--model {model!r} is not a diffusers pipeline folder (no {MODEL_INDEX}); give a folder "
-                            "saved by DiffusionPipeline.save_pretrained or a Hub id")
+    if path.exists() and not (path / MODEL_INDEX).is_file():
+        raise DataError(f"--model {model!r} is not a diffusers pipeline folder (no {MODEL_INDEX}); give a folder "
+                        "saved by DiffusionPipeline.save_pretrained or a Hub id")
     try:
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
     except (OSError, ValueError) as err:

@@ -139,6 +139,11 @@ def _train(cfg: DreamBoothConfig, out: Path, pipe: Any, data: SubjectData, ckpt:
     first = 1
     if ckpt is not None:
         first = load_trainer_state(ckpt, unet, optimizer, scheduler).step + 1
+    elif backend.needs_probe:  # rank by the full-weight gradient on the first steps' draws, switch, no update
+        unet.train()
+        backend.probe(unet, range(1, cfg.probe_batches + 1),
+                      lambda model, step: step_loss(model, noise_scheduler, data, cfg, step), optimizer)
+        unet.zero_grad(set_to_none=True)
     log = MetricsLog(out / METRICS_FILE)
     unet.train()
     bar = tqdm(total=cfg.steps, initial=first - 1, desc=f"dreambooth {cfg.method} r={cfg.adapter.r}",
@@ -170,8 +175,8 @@ def _train(cfg: DreamBoothConfig, out: Path, pipe: Any, data: SubjectData, ckpt:
     summary = {
         "lora_tsd_version": __version__,
         "config": cfg.to_dict(),
-        "model": {"name": cfg.model, "pipeline": type(pipe).__name__, "adapted_layers": len(require_adapters(unet, "summary")),
-                  "trainable_parameters": trainable_parameters(unet)},
+        "model": {"name": cfg.model, "pipeline": type(pipe).__name__,
+                  "adapted_layers": len(require_adapters(unet, "summary")), "trainable_parameters": trainable_parameters(unet)},
         "data": {"instance_images": len(data.instance_latents),
                  "class_images": 0 if data.class_latents is None else len(data.class_latents)},
         "phase": backend.phase(unet),
