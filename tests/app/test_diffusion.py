@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tiny_diffusion import make_images, make_pipeline
 
 from lora_tsd import TSDConfig, attach, load_adapter
+from lora_tsd.adapter_io import TENSORS_FILE
 from lora_tsd.app.diffusion.config import UNET_ATTENTION_TARGETS, DreamBoothConfig
 from lora_tsd.app.diffusion.export import LORA_WEIGHTS_FILE, export_diffusers
 from lora_tsd.app.diffusion.pipeline import load_pipeline
@@ -98,12 +99,12 @@ def test_resume_is_bit_exact(assets, tmp_path, method):
     # reproduce the uninterrupted adapter bit for bit (dropout on: its RNG state comes from the checkpoint).
     run = tmp_path / "run"
     run_dreambooth(config(assets, run, method=method, steps=6, checkpoint_every=3, dropout=0.1))
-    full = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    full = load_file(str(run / "adapter" / TENSORS_FILE))
     shutil.rmtree(run / "checkpoints" / "step-0000006")
     shutil.rmtree(run / "adapter")
     summary = run_dreambooth(config(assets, run), resume=True)
     assert summary["resumed_from"].endswith("step-0000003")
-    resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(run / "adapter" / TENSORS_FILE))
     assert resumed.keys() == full.keys()
     for key in full:
         assert torch.equal(resumed[key], full[key]), key
