@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-WORDS = ("a photo of sks dog cat toy on the beach in red blue</w> a</w> photo</w> of</w> sks</w> dog</w> cat</w> "
-         "toy</w> on</w> the</w> beach</w> in</w> red</w>").split()
+# Every prompt word, with the end-of-word marker of CLIP's BPE, becomes one token through the merges below.
+WORDS = "a</w> photo</w> of</w> sks</w> dog</w> cat</w> toy</w> on</w> the</w> beach</w> in</w> red</w>".split()
 
 
 def _clip_tokenizer(path: Path):
@@ -37,7 +37,8 @@ def _clip_tokenizer(path: Path):
 
 
 def make_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
-    """Save a tiny ``StableDiffusionPipeline`` (32px images, 4x4 latents... 8x8 with the VAE's factor 4)."""
+    """Save a tiny ``StableDiffusionPipeline`` at ``path/pipeline``: 32px images, 8x8 latents (the VAE's three blocks
+    downsample by 4), text states ``(1, 7, 16)`` for a five-word prompt."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -53,11 +54,39 @@ def make_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
                                         bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type, clip_sample=False,
+                              steps_offset=1)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path / "pipeline")
     return path / "pipeline"
+
+
+def make_sdxl_pipeline(path: Path) -> Path:
+    """Save a tiny ``StableDiffusionXLPipeline`` at ``path/sdxl``: two text encoders (hidden 16 each: cross-attention
+    32), the pooled projection and size/crop ids as the UNet's added conditioning (6·8 + 16 = 64 inputs)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = _clip_tokenizer(path / "_tokenizer_src")
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=64)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4,
+                        norm_num_groups=4, sample_size=32)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1, projection_dim=16)
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=100, steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text_config),
+                                     text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(path / "sdxl")
+    return path / "sdxl"
 
 
 def make_images(path: Path, n: int = 3, size: int = 32, seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_diffusion import make_images, make_pipeline
+from tiny_diffusion import make_images, make_pipeline, make_sdxl_pipeline
 
 from lora_tsd import TSDConfig, attach, load_adapter
 from lora_tsd.adapter_io import TENSORS_FILE
@@ -79,6 +79,29 @@ def test_exported_lora_loads_into_stock_pipeline_and_equals_the_run(assets, tmp_
     loaded, own = unet_output(pipe.unet), unet_output(run_unet(assets, tmp_path / "run"))
     assert (loaded - own).abs().max().item() <= 1e-4
     assert (loaded - base).abs().max().item() > 1e-3
+
+
+def test_sdxl_pipeline_trains_with_its_added_conditioning_and_exports(assets, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    sdxl = make_sdxl_pipeline(tmp_path)
+    summary = run_dreambooth(config(assets, tmp_path / "run", model=str(sdxl), method="dash"))
+    assert summary["model"]["pipeline"] == "StableDiffusionXLPipeline"
+    out = export_diffusers(str(tmp_path / "run"), str(tmp_path / "lora"))
+    gen = torch.Generator().manual_seed(1)
+    x, states = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 7, 32, generator=gen)
+    added = {"text_embeds": torch.randn(1, 16, generator=gen), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+
+    def output(unet: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return unet.eval()(x, torch.tensor([37]), states, added_cond_kwargs=added).sample
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl))
+    base = output(pipe.unet)
+    pipe.load_lora_weights(str(out))
+    own = output(load_adapter(StableDiffusionXLPipeline.from_pretrained(str(sdxl)).unet, tmp_path / "run" / "adapter"))
+    assert (output(pipe.unet) - own).abs().max().item() <= 1e-4
+    assert (output(pipe.unet) - base).abs().max().item() > 1e-3
 
 
 def test_merged_export_is_a_pipeline_with_the_trained_unet(assets, tmp_path):

@@ -21,7 +21,10 @@ def load_pipeline(model: str) -> Any:
         raise DataError(f"--model {model!r} is not a diffusers pipeline folder (no {MODEL_INDEX}); give a folder "
                         "saved by DiffusionPipeline.save_pretrained or a Hub id")
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32, safety_checker=None)
+        components = DiffusionPipeline.load_config(model)
+        # Generated samples are the user's own subject: skip loading SD 1.x's safety checker (SDXL has none).
+        extra = {"safety_checker": None} if "safety_checker" in components else {}
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32, **extra)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load the diffusion pipeline {model!r}: {str(err).splitlines()[0]}") from None
     if not hasattr(pipe, "unet"):
