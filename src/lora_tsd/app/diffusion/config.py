@@ -44,6 +44,9 @@ class DreamBoothConfig(DictConfig):
     seed: int = option(0, "seed of initialization, image order, noise and timesteps")
     checkpoint_every: int = option(0, "save a resumable checkpoint every N optimizer steps (0: none; the newest 2 "
                                       "are kept)")
+    bf16: bool = option(False, "bf16 autocast of the UNet's training forward (GPU; samples stay fp32)")
+    gradient_checkpointing: bool = option(False, "recompute the UNet's activations in the backward pass (less memory, "
+                                                 "about a third more time; SDXL at 1024 px on a 24-40 GiB GPU)")
     probe_batches: int = option(4, "images of the gradient probe (init/tsd with the gradient estimator switch before "
                                    "training, ranking by the accumulated full-weight gradient)")
     samples: int = option(2, "sample images for the instance prompt before and after training (seeds 0..N-1)")

@@ -48,5 +48,6 @@ def unet_conditioning(pipe: Any, prompt: str, resolution: int) -> dict[str, Any]
         return {"encoder_hidden_states": encoded[0]}
     embeds, _, pooled, _ = encoded  # SDXL: (embeds, negative, pooled, negative pooled)
     # SDXL's micro-conditioning: original size, crop corner, target size (the images are resized to resolution).
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=embeds.dtype)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=embeds.dtype,
+                            device=embeds.device)
     return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}

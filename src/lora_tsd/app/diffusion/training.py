@@ -64,8 +64,10 @@ def noise_prediction_loss(unet: torch.nn.Module, scheduler: Any, latents: torch.
                           generator: torch.Generator) -> torch.Tensor:
     """MSE between the UNet's prediction on noised ``latents`` ``(b, c, h, w)`` at random timesteps and the target of
     the scheduler's ``prediction_type`` (the noise ε, or the velocity v)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    # Drawn on the CPU from the step's generator (the same numbers on any device), then moved.
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, **cond).sample
     kind = scheduler.config.prediction_type
@@ -82,6 +84,13 @@ def step_loss(unet: torch.nn.Module, scheduler: Any, data: SubjectData, cfg: Dre
               ) -> torch.Tensor:
     """The loss of optimizer step ``step``: one instance image (+ ``prior_weight`` × one class image)."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    autocast = torch.autocast(data.instance_latents.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    with autocast:
+        return _draw_and_score(unet, scheduler, data, cfg, generator)
+
+
+def _draw_and_score(unet: torch.nn.Module, scheduler: Any, data: SubjectData, cfg: DreamBoothConfig,
+                    generator: torch.Generator) -> torch.Tensor:
     i = int(torch.randint(len(data.instance_latents), (1,), generator=generator))
     loss = noise_prediction_loss(unet, scheduler, data.instance_latents[i:i + 1], data.instance_cond, generator)
     if data.class_latents is not None:
@@ -110,6 +119,7 @@ def run_dreambooth(cfg: DreamBoothConfig, resume: bool = False, resume_from: str
         ckpt = find_checkpoint(out, resume_from)
         check_resumable(ckpt, out)
     pipe = load_pipeline(cfg.model)  # bad input fails here, before the run folder is created
+    pipe.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     data = prepare_data(pipe, cfg)
     if not resume:
         prepare_output_dir(out, cfg.overwrite, marker=RUN_MARKER)
@@ -132,6 +142,8 @@ def _train(cfg: DreamBoothConfig, out: Path, pipe: Any, data: SubjectData, ckpt:
     else:
         torch.manual_seed(cfg.seed)
         unet = backend.load_checkpoint_adapter(pipe.unet, ckpt / "adapter")
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = cfg.warmup_steps
