@@ -62,6 +62,29 @@ def test_attach_on_unet_targets_the_attention_projections_and_keeps_outputs(asse
     torch.testing.assert_close(unet_output(unet), before, rtol=0, atol=0)
 
 
+def test_attach_on_an_sd3_transformer_with_the_feed_forward_keeps_outputs():
+    # SD3's (and Flux's) transformer backbone: its projections are nn.Linear under the same names, plus the
+    # feed-forward (ff.net.0.proj, ff.net.2), which `--target-modules` can add.
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+                                  pooled_projection_dim=16, out_channels=4).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=gen),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=gen),
+                  pooled_projections=torch.randn(1, 16, generator=gen), timestep=torch.tensor([3]))
+    with torch.no_grad():
+        before = model(**inputs).sample
+    targets = [*UNET_ATTENTION_TARGETS, "ff.net.0.proj", "ff.net.2"]
+    attach(model, TSDConfig(method="dash", r=R, target_modules=targets))
+    adapted = [name for name, module in model.named_modules() if type(module).__name__ == "TSDLinear"]
+    assert len(adapted) == 2 * len(targets)  # two blocks; the context stream (ff_context, add_*_proj) untouched
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).sample, before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", sorted(EXPORTED_RANK))
 def test_exported_lora_loads_into_stock_pipeline_and_equals_the_run(assets, tmp_path, method):
     from diffusers import StableDiffusionPipeline
