@@ -214,3 +214,14 @@ def test_gradient_checkpointing_trains_the_same_adapter(assets, tmp_path):
     for key in plain:
         torch.testing.assert_close(recomputed[key], plain[key], rtol=0, atol=1e-6)
     assert any(t.abs().max() > 0 for k, t in plain.items() if "lora_B" in k)  # it trained
+
+
+def test_gradient_estimator_switches_before_the_first_step(assets, tmp_path):
+    # tsd without --prelaunch-steps ranks by the gradient probe over --probe-batches draws, then trains switched.
+    import json
+
+    summary = run_dreambooth(config(assets, tmp_path / "run", method="tsd", prelaunch_steps=None, steps=2))
+    assert summary["config"]["init_estimator"] == "gradient"
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["phase"] for s in steps if s["event"] == "step"] == ["switched", "switched"]
+    assert not any(s["event"] == "switch" for s in steps)  # the probe switched before step 1
