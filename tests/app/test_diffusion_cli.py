@@ -3,13 +3,17 @@ the end-to-end path of the issue, the complete ``--help``, and bad input (one-li
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_diffusion import unet_output
 from tiny_diffusion import make_images, make_pipeline
 
 from lora_tsd import load_adapter
+from lora_tsd.adapter_io import TENSORS_FILE
 from lora_tsd.app.cli import main
 from lora_tsd.app.cli.options import train_options
 from lora_tsd.app.diffusion.config import DreamBoothConfig
@@ -32,8 +36,15 @@ def test_dreambooth_dash_then_export_loads_with_load_lora_weights(assets, tmp_pa
     from diffusers import StableDiffusionPipeline
 
     run = tmp_path / "run"
-    assert main(dreambooth_args(assets, run, "--method", "dash")) == 0
+    assert main(dreambooth_args(assets, run, "--method", "dash", "--checkpoint-every", "2")) == 0
     assert {"adapter", "samples.png", "summary.json", "dreambooth_config.json"} <= {p.name for p in run.iterdir()}
+    # --resume from the step-2 checkpoint (after the switch) rewrites the same adapter bit for bit.
+    adapter = load_file(str(run / "adapter" / TENSORS_FILE))
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    shutil.rmtree(run / "adapter")
+    assert main(["dreambooth", "--output-dir", str(run), "--resume", "--no-progress"]) == 0
+    resumed = load_file(str(run / "adapter" / TENSORS_FILE))
+    assert resumed.keys() == adapter.keys() and all(torch.equal(resumed[k], adapter[k]) for k in adapter)
     assert main(["export", str(run), "--format", "diffusers", "--out", str(tmp_path / "lora")]) == 0
     assert "diffusers LoRA" in capsys.readouterr().out
     pipe = StableDiffusionPipeline.from_pretrained(str(assets["pipeline"]), safety_checker=None)
