@@ -68,6 +68,9 @@ def test_dreambooth_help_lists_every_option(capsys):
         assert spec.flag in text, spec.flag
     for flag in ("--config", "--resume", "--rank", "load_lora_weights"):
         assert flag in text
+    assert "(default: the attention projections to_q to_k to_v to_out.0;" in " ".join(text.split())
+    assert "--method METHOD lora, dash (LoRA-Dash)" in " ".join(text.split())
+    assert "(default: dash)" in " ".join(text.split())
 
 
 def _write_broken_image(folder: Path) -> Path:

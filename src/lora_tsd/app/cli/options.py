@@ -59,7 +59,9 @@ def train_options(config_cls: type = TrainConfig) -> list[OptionSpec]:
         adapter_option = name in ADAPTER_OPTIONS
         f = adapter_fields[name] if adapter_option else fields[name]
         hint = adapter_hints[name] if adapter_option else hints[name]
-        specs.append(OptionSpec(name, _kind(hint), default, f.metadata.get("help", "")))
+        # A run config may restate an adapter option's help for its models (e.g. DreamBooth's default targets).
+        shown = getattr(config_cls, "ADAPTER_HELP", {}).get(name, f.metadata.get("help", ""))
+        specs.append(OptionSpec(name, _kind(hint), default, shown))
     if "external_method" not in fields:
         return specs
     specs[[s.name for s in specs].index("method")] = dataclasses.replace(

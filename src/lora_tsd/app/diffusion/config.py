@@ -5,7 +5,7 @@ plus the pipeline, the subject images and prompts, prior preservation and sampli
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from lora_tsd.app.workflow.config import ADAPTER_OPTIONS, EXTERNAL_METHODS, TrainConfig
 from lora_tsd.config import DictConfig, TSDConfig, option, short_repr
@@ -24,6 +24,10 @@ def default_diffusion_adapter() -> TSDConfig:
 @dataclass
 class DreamBoothConfig(DictConfig):
     """A DreamBooth run. Flags are the flat names of :meth:`option_names` (the adapter's options flattened)."""
+
+    ADAPTER_HELP: ClassVar[dict[str, str]] = {
+        "target_modules": "module-name suffixes to adapt, or one regex matching the full name (default: the "
+                          "attention projections to_q to_k to_v to_out.0; the feed-forward is ff.net.0.proj ff.net.2)"}
 
     model: str | None = option(None, "diffusers pipeline folder (with model_index.json) or Hugging Face Hub id, "
                                      "e.g. stabilityai/stable-diffusion-xl-base-1.0")
