@@ -150,6 +150,8 @@ def test_resume_is_bit_exact(assets, tmp_path, method):
     shutil.rmtree(run / "adapter")
     summary = run_dreambooth(config(assets, run), resume=True)
     assert summary["resumed_from"].endswith("step-0000003")
+    logged = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"event": "step"' in line]
+    assert len(logged) == 6  # steps 4-6 logged once: the first run's lines after the checkpoint were dropped
     resumed = load_file(str(run / "adapter" / TENSORS_FILE))
     assert resumed.keys() == full.keys()
     for key in full:
@@ -224,4 +226,4 @@ def test_gradient_estimator_switches_before_the_first_step(assets, tmp_path):
     assert summary["config"]["init_estimator"] == "gradient"
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [s["phase"] for s in steps if s["event"] == "step"] == ["switched", "switched"]
-    assert not any(s["event"] == "switch" for s in steps)  # the probe switched before step 1
+    assert [s["step"] for s in steps if s["event"] == "switch"] == [0]  # the probe switched before step 1

@@ -157,6 +157,13 @@ def _train(cfg: DreamBoothConfig, out: Path, pipe: Any, data: SubjectData, ckpt:
                       lambda model, step: step_loss(model, noise_scheduler, data, cfg, step), optimizer)
         unet.zero_grad(set_to_none=True)
     log = MetricsLog(out / METRICS_FILE)
+    if ckpt is not None:
+        log.truncate_after(first - 1)  # steps logged after the checkpoint are run again
+    else:
+        log.write({"event": "start", "method": cfg.method, **backend.describe(unet)})
+        if backend.needs_probe:
+            log.write({"event": "switch", "step": 0, "method": cfg.method, "estimator": "gradient",
+                       "probe_batches": cfg.probe_batches})
     unet.train()
     bar = tqdm(total=cfg.steps, initial=first - 1, desc=f"dreambooth {cfg.method} r={cfg.adapter.r}",
                disable=not cfg.progress)
