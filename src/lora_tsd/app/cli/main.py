@@ -86,8 +86,11 @@ def check_output_file(path: str, overwrite: bool) -> None:
 
 
 def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lora_tsd.app.cli.dreambooth_command import export_diffusers_if_asked
     from lora_tsd.app.workflow.run import export_run
 
+    if (code := export_diffusers_if_asked(args)) is not None:  # --format diffusers, or a dreambooth run folder
+        return code
     out = export_run(args.run, args.out, merged=args.merged, overwrite=args.overwrite)
     what = "merged model (load with AutoModel*.from_pretrained)" if args.merged else \
         "PEFT LoRA adapter (load with peft.PeftModel.from_pretrained)"
@@ -194,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--merged", action="store_true", help="write a merged full model instead of an adapter")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    ex.add_argument("--format", choices=["peft", "diffusers"], default=None,
+                    help="peft: a stock PEFT adapter; diffusers: a LoRA for pipeline.load_lora_weights, or with "
+                         "--merged the pipeline with the merged UNet (default: diffusers for a dreambooth run)")
     add_verbose_flag(ex)
     ex.set_defaults(func=cmd_export)
 
@@ -235,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "estimated TSDs match a full fine-tune's along training.")
     analyze_command.add_arguments(ana)
     ana.set_defaults(func=cmd_analyze)
+    from lora_tsd.app.cli import dreambooth_command as db
+
+    dreambooth = sub.add_parser("dreambooth", help="subject-driven fine-tuning of a diffusers pipeline (DreamBooth)",
+                                description=db.DESCRIPTION)
+    db.add_arguments(dreambooth)
+    dreambooth.set_defaults(func=lambda args, parser: db.run_dreambooth_command(args))
     return parser
 
 

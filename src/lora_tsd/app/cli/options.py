@@ -63,17 +63,22 @@ def _kind(hint: Any) -> Any:
     return hint
 
 
-def train_options() -> list[OptionSpec]:
-    """Every flat option of a training run, in the order of ``train_config.json``."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def train_options(config_cls: type = TrainConfig) -> list[OptionSpec]:
+    """Every flat option of a training run, in the order of ``train_config.json``. ``config_cls``: another run
+    config with the same flat view of its adapter (``option_defaults``; e.g. the DreamBooth config)."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
     adapter_fields = {f.name: f for f in dataclasses.fields(TSDConfig)}
-    hints, adapter_hints = typing.get_type_hints(TrainConfig), typing.get_type_hints(TSDConfig)
+    hints, adapter_hints = typing.get_type_hints(config_cls), typing.get_type_hints(TSDConfig)
     specs = []
-    for name, default in TrainConfig.option_defaults().items():
+    for name, default in config_cls.option_defaults().items():
         adapter_option = name in ADAPTER_OPTIONS
         f = adapter_fields[name] if adapter_option else fields[name]
         hint = adapter_hints[name] if adapter_option else hints[name]
-        specs.append(OptionSpec(name, _kind(hint), default, f.metadata.get("help", "")))
+        # A run config may restate an adapter option's help for its models (e.g. DreamBooth's default targets).
+        shown = getattr(config_cls, "ADAPTER_HELP", {}).get(name, f.metadata.get("help", ""))
+        specs.append(OptionSpec(name, _kind(hint), default, shown))
+    if "external_method" not in fields:
+        return specs
     specs[[s.name for s in specs].index("method")] = dataclasses.replace(
         specs[[s.name for s in specs].index("method")],
         help="lora, dash (LoRA-Dash), init (LoRA-Init), tsd (LoRA-TSD), pissa, milora, or dora (PEFT's DoRA baseline)")
@@ -81,10 +86,10 @@ def train_options() -> list[OptionSpec]:
 
 
 def add_option_flags(parser: argparse._ActionsContainer, skip: tuple[str, ...] = (), dest_prefix: str = "",
-                     defaults_shown: bool = True) -> None:
+                     defaults_shown: bool = True, config_cls: type = TrainConfig) -> None:
     """One flag per training option (not in ``skip``), parsed to ``None`` when absent so that a ``--config`` file
     and the config's own defaults fill in the rest. The help states each default once."""
-    for spec in train_options():
+    for spec in train_options(config_cls):
         if spec.name in skip:
             continue
         shown = spec.help
@@ -101,10 +106,10 @@ def add_option_flags(parser: argparse._ActionsContainer, skip: tuple[str, ...] =
                                 metavar=spec.name.upper())
 
 
-def option_values(args: argparse.Namespace, dest_prefix: str = "") -> dict[str, Any]:
+def option_values(args: argparse.Namespace, dest_prefix: str = "", config_cls: type = TrainConfig) -> dict[str, Any]:
     """The options given as flags (``None`` = not given), with a single regex target kept as a string."""
     values = {}
-    for spec in train_options():
+    for spec in train_options(config_cls):
         value = getattr(args, dest_prefix + spec.name, None)
         if value is not None:
             values[spec.name] = value
@@ -121,7 +126,7 @@ def normalize_targets(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def load_config_file(path: str) -> dict[str, Any]:
+def load_config_file(path: str, config_cls: type = TrainConfig) -> dict[str, Any]:
     """The options of a YAML or JSON file (keys as the flags, with ``_`` or ``-``); unknown keys refused."""
     from lora_tsd.app.cli.config_file import read_config_mapping
 
@@ -130,7 +135,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config file {path!r} must hold a mapping of option names to values")
-    known = TrainConfig.option_names()
+    known = config_cls.option_names()
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(known))
     if unknown:
