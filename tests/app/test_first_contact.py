@@ -94,7 +94,7 @@ def config(**options):
      "lower --warmup-steps below 20 (e.g. 2)"),
     ({"steps": 50, "eval_every": 80},
      "--eval-every 80 is beyond --steps 50: no validation during training, only at the end; lower --eval-every to "
-     "at most 50 or leave it at 0"),
+     "at most 50 or leave it unset (every steps//10)"),
     ({"steps": 50, "checkpoint_every": 60},
      "--checkpoint-every 60 is beyond --steps 50: no checkpoint is ever saved, so --resume has nothing to resume; "
      "lower --checkpoint-every to at most 50"),
@@ -118,7 +118,7 @@ def test_small_splits_are_named_with_their_fix():
         "the training split has 12 examples, fewer than --batch-size 16: every batch repeats examples; lower "
         "--batch-size to at most 12 or give more data",
         "the validation split is empty, so --eval-every 5 has nothing to score; give more data or a validation "
-        "file, or leave --eval-every at 0"]
+        "file, or pass --eval-every 0"]
     assert data_warnings(cfg, 100, 10) == []
 
 

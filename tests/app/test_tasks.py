@@ -15,6 +15,7 @@ from lora_tsd.app.assets.pins import PINNED_SHA256
 from lora_tsd.app.assets.tasks import SPLITS, Task, list_tasks, load_task, parse_task_spec
 from lora_tsd.app.assets.tasks.base import cap_splits, derive_seed, exact_match, make_splits
 from lora_tsd.app.errors import AssetNotAvailableError, DataError
+from lora_tsd.app.workflow.config import TrainConfig
 from lora_tsd.atomic import file_sha256
 from lora_tsd.errors import ConfigError
 
@@ -380,9 +381,10 @@ def test_bigbench_offline_without_archive(tmp_cache: Path, monkeypatch: pytest.M
 
 def test_list_tasks_describes_embedded(tmp_cache: Path) -> None:
     rows = list_tasks()
-    assert rows[0]["name"] == "bigbench:multiemo" and rows[0]["kind"] == "classification"
-    assert {"name", "kind", "examples", "description", "cached"} <= rows[0].keys()
-    assert rows[0]["cached"] is False
+    assert rows[0]["name"] == TrainConfig().task and rows[0]["kind"] == "classification"  # the default comes first
+    bigbench = next(row for row in rows if row["name"] == "bigbench:multiemo")
+    assert {"name", "kind", "examples", "description", "cached"} <= bigbench.keys()
+    assert bigbench["cached"] is False
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -495,16 +497,16 @@ def test_hf_offline_is_asset_not_available(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 @pytest.mark.integration
-def test_real_bigbench_multiemo() -> None:
+def test_real_default_task() -> None:
+    """The default task at its default sizes, as every default run sees it (seed 0)."""
     started = time.perf_counter()
-    task = load_task("bigbench:multiemo", seed=0)
-    print(f"\nbigbench:multiemo (fetch + extract when not cached) in {time.perf_counter() - started:.1f} s")
-    assert task.labels == ["negative", "positive"]
-    assert task.info["label_counts"] == {"negative": 21_077, "positive": 15_229}
-    assert "neutral" not in task.info["task_prefix"]
-    assert task.sizes() == {"train": 29_044, "validation": 3_631, "test": 3_631}
-    assert all(isinstance(e["text"], str) and e["text"] for e in task.test)
-    again = load_task("bigbench:multiemo", seed=0, max_train=100, max_eval=50)
+    task = load_task("reasoning-gym:syllogism@classification", seed=0)
+    print(f"\nreasoning-gym:syllogism@classification (generated) in {time.perf_counter() - started:.1f} s")
+    assert task.labels == ["No", "Yes"]
+    assert task.info["label_counts"] == {"Yes": 696, "No": 304}
+    assert task.sizes() == {"train": 1000, "validation": 200, "test": 200}
+    assert all(isinstance(e["text"], str) and "logically follow" in e["text"] for e in task.test)
+    again = load_task("reasoning-gym:syllogism@classification", seed=0, max_train=100, max_eval=50)
     assert again.train == task.train[:100] and again.test == task.test[:50]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from lora_tsd.app.cli.options import normalize_targets
 from lora_tsd.app.experiments.capture import analyze_capture
 from lora_tsd.app.experiments.spectrum import analyze_spectrum
-from lora_tsd.app.workflow.config import TrainConfig
+from lora_tsd.app.workflow.config import DEFAULT_TASK, TrainConfig
 
 
 def add_arguments(parser: Any) -> None:
@@ -38,7 +38,7 @@ def add_arguments(parser: Any) -> None:
                                     "in reference top-16), mean over layers.")
     cp.add_argument("--out", required=True, help="output folder (capture.json, capture.png, full_ft/)")
     cp.add_argument("--model", default="minilm", help="base model (default: minilm)")
-    cp.add_argument("--task", default="bigbench:multiemo", help="task spec (default: bigbench:multiemo)")
+    cp.add_argument("--task", default=DEFAULT_TASK, help=f"task spec (default: {DEFAULT_TASK})")
     cp.add_argument("--steps", type=int, default=200, help="optimizer steps of both runs (default 200)")
     cp.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (default 1e-3)")
     cp.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tune learning rate (default 5e-5)")

@@ -27,7 +27,7 @@ from lora_tsd.app.experiments.compare import (
     tuning_keys,
     write_outputs,
 )
-from lora_tsd.app.workflow.config import TrainConfig
+from lora_tsd.app.workflow.config import DEFAULT_TASK, TrainConfig
 from lora_tsd.config import option_help
 from lora_tsd.errors import ConfigError
 
@@ -36,7 +36,7 @@ def add_arguments(parser: Any) -> None:
     """The ``compare`` flags: grid axes as lists, every other TrainConfig field as a fixed option."""
     parser.add_argument("--out", required=True, help="grid folder (runs/, results.csv/json/md, plots)")
     parser.add_argument("--model", default="minilm", help=option_help(TrainConfig, "model") + " (default: minilm)")
-    parser.add_argument("--tasks", nargs="+", default=["bigbench:multiemo"], help="task specs (as train --task)")
+    parser.add_argument("--tasks", nargs="+", default=[DEFAULT_TASK], help="task specs (as train --task)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                         help="methods or variants METHOD[:KEY=VALUE,...], e.g. dash:selector=top "
                              f"(default: {' '.join(DEFAULT_METHODS)})")

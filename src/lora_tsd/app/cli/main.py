@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lora-tsd",
         description="Fine-tune with task-specific directions (LoRA-Dash, LoRA-Init, LoRA-TSD), evaluate, and "
                     "export a plain LoRA adapter. `lora-tsd train` with no arguments runs the embedded default "
-                    "(MiniLM on BIG-bench multiemo sentiment, LoRA-TSD), offline.",
+                    "(MiniLM on reasoning-gym syllogisms, Yes/No, with LoRA-TSD), offline.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

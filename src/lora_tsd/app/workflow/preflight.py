@@ -29,10 +29,10 @@ def option_warnings(cfg: TrainConfig) -> list[str]:
         warnings.append(
             f"--warmup-steps {cfg.warmup_steps} is not below --steps {steps}: the learning rate never decays (the "
             f"run ends during the warm-up); lower --warmup-steps below {steps} (e.g. {max(steps // 10, 0)})")
-    if cfg.eval_every > steps:
+    if cfg.eval_interval > steps:
         warnings.append(
             f"--eval-every {cfg.eval_every} is beyond --steps {steps}: no validation during training, only at the "
-            f"end; lower --eval-every to at most {steps} or leave it at 0")
+            f"end; lower --eval-every to at most {steps} or leave it unset (every steps//10)")
     if cfg.checkpoint_every > steps:
         warnings.append(
             f"--checkpoint-every {cfg.checkpoint_every} is beyond --steps {steps}: no checkpoint is ever saved, so "
@@ -51,10 +51,10 @@ def data_warnings(cfg: TrainConfig, train_size: int, validation_size: int) -> li
         warnings.append(
             f"the training split has {train_size} examples, fewer than --batch-size {cfg.batch_size}: every batch "
             f"repeats examples; lower --batch-size to at most {train_size} or give more data")
-    if validation_size == 0 and cfg.eval_every > 0:
+    if validation_size == 0 and cfg.eval_interval > 0:
         warnings.append(
-            f"the validation split is empty, so --eval-every {cfg.eval_every} has nothing to score; give more data "
-            "or a validation file, or leave --eval-every at 0")
+            f"the validation split is empty, so --eval-every {cfg.eval_interval} has nothing to score; give more "
+            "data or a validation file, or pass --eval-every 0")
     return warnings
 
 

@@ -3,10 +3,12 @@
 ``load_task(spec)`` takes ``<source>:<argument>[@<kind>]``:
 
 ====================================  ============================================================
-``bigbench:<task>[/<subtask>]``       BIG-bench JSON tasks from the PyPI archive (offline, cached);
-                                      ``bigbench:multiemo`` is the embedded default (2-class
-                                      sentiment). See :mod:`lora_tsd.tasks.bigbench`.
-``reasoning-gym:<generator>``         seeded generated reasoning problems with scorers (offline).
+``bigbench:<task>[/<subtask>]``       BIG-bench JSON tasks from the ``bigbench==1.0.0`` archive
+                                      (cached; the package index no longer serves it, see
+                                      :mod:`lora_tsd.tasks.bigbench`).
+``reasoning-gym:<generator>``         seeded generated reasoning problems with scorers (offline);
+                                      ``@classification`` for closed answer sets:
+                                      ``reasoning-gym:syllogism@classification`` is the default.
                                       See :mod:`lora_tsd.tasks.rgym`.
 ``jsonl:<path>``                      your own JSON Lines files. See :mod:`lora_tsd.tasks.jsonl`.
 ``hf:<dataset_id>[:<config>]``        Hugging Face ``datasets`` (needs the Hub or its cache).
@@ -75,7 +77,7 @@ def parse_task_spec(spec: str) -> tuple[str, str, str | None]:
     source, sep, arg = spec.partition(":")
     if not sep or source not in TASK_SOURCES:
         known = ", ".join(f"{name}:" for name in TASK_SOURCES)
-        raise ConfigError(f"task {spec!r} must start with one of {known} (e.g. bigbench:multiemo)")
+        raise ConfigError(f"task {spec!r} must start with one of {known} (e.g. reasoning-gym:syllogism@classification)")
     kind = None
     head, at, tail = arg.rpartition("@")
     if at and tail in TASK_KINDS:
@@ -134,6 +136,10 @@ OFFLINE_DATA = ("extracted", "downloaded", "generated")
 
 # (name, kind, examples after cleaning, description, where it is cached): the embedded, tested tasks.
 _EMBEDDED_TASKS: tuple[tuple[str, str, int | None, str, Callable[[str], str], str], ...] = (
+    ("reasoning-gym:syllogism@classification", "classification", None,
+     "does a conclusion follow from two premises, Yes/No, seeded (the default task)", _reasoning_gym_data, ""),
+    ("reasoning-gym:family_relationships@classification", "classification", None,
+     "how two people in a described family are related, 12 classes, seeded", _reasoning_gym_data, ""),
     ("bigbench:multiemo", "classification", 36_306, EMBEDDED_VIEWS["multiemo"].description,
      _bigbench_data, EMBEDDED_VIEWS["multiemo"].source),
     ("bigbench:multiemo/all_sentence_en", "classification", 57_242,
