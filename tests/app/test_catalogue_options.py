@@ -83,7 +83,8 @@ CASES = [
     ("seed-negative", _flags("--seed", "-1"), 2, r"seed must be an integer in \[0, 4294967295\], got -1"),
     ("data-seed-huge", _flags("--data-seed", str(2**40)), 2, r"data_seed must be an integer in \[0, 4294967295\]"),
     ("prelaunch-equals-steps", _flags("--method", "dash", "--prelaunch-steps", "5", "--steps", "5"), 2,
-     r"prelaunch_steps \(t\) = 5 must be less than steps = 5: dash switches after t steps and would never switch"),
+     r"prelaunch_steps \(t\) = 5 must be less than steps = 5: dash switches after t steps and would never switch; "
+     r"raise --steps above 5 or lower --prelaunch-steps below 5"),
     ("prelaunch-exceeds-steps", _flags("--method", "tsd", "--init-estimator", "prelaunch", "--prelaunch-steps", "9",
                                        "--steps", "3"), 2, r"prelaunch_steps \(t\) = 9 must be less than steps = 3"),
     ("batch-larger-than-data", _flags("--batch-size", "1000"), 2,

@@ -15,7 +15,7 @@ from tiny_assets import make_encoder, sentiment_rows, write_jsonl
 
 from lora_tsd.app.cli import main
 from lora_tsd.app.workflow.config import TrainConfig
-from lora_tsd.app.workflow.preflight import WARNING_PREFIX, data_warnings, option_warnings
+from lora_tsd.app.workflow.preflight import data_warnings, option_warnings
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +83,6 @@ def config(**options):
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({"method": "dash", "steps": 60},
-     "--method dash switches after --prelaunch-steps 100, but the run has only --steps 60: it never switches and "
-     "trains plain LoRA; raise --steps above 100 or lower --prelaunch-steps below 60"),
-    ({"method": "tsd", "init_estimator": "prelaunch", "prelaunch_steps": 20, "steps": 20, "warmup_steps": 2},
-     "--method tsd switches after --prelaunch-steps 20, but the run has only --steps 20: it never switches and "
-     "trains plain LoRA; raise --steps above 20 or lower --prelaunch-steps below 20"),
     ({"steps": 20},
      "--warmup-steps 25 is not below --steps 20: the learning rate never decays (the run ends during the warm-up); "
      "lower --warmup-steps below 20 (e.g. 2)"),
@@ -122,25 +116,24 @@ def test_small_splits_are_named_with_their_fix():
     assert data_warnings(cfg, 100, 10) == []
 
 
-def test_a_run_that_never_switches_warns_at_start(tmp_path, assets, capsys):
+def test_a_run_that_would_never_switch_is_refused_with_the_fix(tmp_path, assets, capsys):
+    """Issue 22 asked for a warning, issue 18 for no silent acceptance: a method that would never switch is refused
+    before anything is written, and the message names both options and the fix."""
     out = tmp_path / "run"
     code = main(["train", "--model", str(assets["encoder"]), "--task", f"jsonl:{assets['cls']}", "--method", "dash",
-                 "--steps", "3", "--warmup-steps", "1", "--batch-size", "64", "--max-eval", "8", "--no-progress",
-                 "--output-dir", str(out)])
+                 "--steps", "60", "--no-progress", "--output-dir", str(out)])
     err = capsys.readouterr().err
-    assert code == 0
-    warnings = [line.removeprefix(WARNING_PREFIX) for line in err.splitlines() if line.startswith(WARNING_PREFIX)]
-    assert warnings == [
-        "--method dash switches after --prelaunch-steps 100, but the run has only --steps 3: it never switches and "
-        "trains plain LoRA; raise --steps above 100 or lower --prelaunch-steps below 3",
-        "the training split has 48 examples, fewer than --batch-size 64: every batch repeats examples; lower "
-        "--batch-size to at most 48 or give more data"]
+    assert code != 0 and not out.exists()
+    assert err.strip().splitlines()[-1] == (
+        "lora-tsd train: error: prelaunch_steps (t) = 100 must be less than steps = 60: dash switches after t steps "
+        "and would never switch; raise --steps above 100 or lower --prelaunch-steps below 60")
 
 
 # ------------------------------------------------------------------------------------------- quiet console
 
 OUR_LINES = re.compile(r"^(run folder: |untrained |gradient probe |trained |outputs in |lora-tsd train: warning: |"
-                       r"tsd r=8: )")
+                       r"tsd r=8: |step \d+: validation accuracy |restored the best validation checkpoint: |"
+                       r"warning: (step \d+: validation collapsed|this run collapsed)|the collapse warned about )")
 
 
 def console_of(assets, tmp_path, *extra):

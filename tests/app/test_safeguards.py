@@ -202,7 +202,7 @@ def test_lr_search_flags_are_refused_without_lr_auto(tmp_path, capsys):
 
 def test_a_run_saved_before_the_best_checkpoint_reads_as_without_it(tmp_path):
     """Old run folders (resume, eval) and grid cells (compare's settings check) ran without it."""
-    from lora_tsd.app.experiments.compare import _as_saved
+    from lora_tsd.app.experiments.grid_state import _as_saved
     from lora_tsd.app.workflow.config import TrainConfig
     from lora_tsd.app.workflow.outputs import RUN_MARKER, read_run_config
 

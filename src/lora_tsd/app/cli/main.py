@@ -44,10 +44,14 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.resume is not None:
         from pathlib import Path
 
+        from lora_tsd.app.workflow.outputs import read_run_config
         from lora_tsd.app.workflow.validation import check_resume_options
 
+        if cfg.output_dir is None:
+            raise ConfigError("--resume needs --output-dir: the run folder to continue")
         given = {**(load_config_file(args.config) if args.config else {}), **option_values(args)}
-        check_resume_options(Path(cfg.output_dir), given)  # options a resume would ignore are refused
+        saved = read_run_config(cfg.output_dir).to_dict()
+        check_resume_options(Path(cfg.output_dir), saved, given)  # options a resume would ignore are refused
         run_training(cfg, resume=True, resume_from=None if args.resume == "latest" else args.resume)
     else:
         run_training(cfg)

@@ -19,12 +19,8 @@ WARNING_PREFIX = "lora-tsd train: warning: "
 def option_warnings(cfg: TrainConfig) -> list[str]:
     """What the options alone say the run will not do (no data needed)."""
     warnings = []
-    adapter, steps = cfg.adapter, cfg.steps
-    if cfg.external_method is None and adapter.spec.has_switch and adapter.prelaunch_steps >= steps:
-        warnings.append(
-            f"--method {cfg.method} switches after --prelaunch-steps {adapter.prelaunch_steps}, but the run has only "
-            f"--steps {steps}: it never switches and trains plain LoRA; raise --steps above "
-            f"{adapter.prelaunch_steps} or lower --prelaunch-steps below {steps}")
+    steps = cfg.steps
+    # A method that would never switch (prelaunch_steps >= steps) is refused by validation.check_options.
     if cfg.warmup_steps >= steps:
         warnings.append(
             f"--warmup-steps {cfg.warmup_steps} is not below --steps {steps}: the learning rate never decays (the "

@@ -40,7 +40,8 @@ def check_options(cfg: TrainConfig) -> None:
     adapter = cfg.adapter
     if cfg.external_method is None and adapter.spec.has_switch and adapter.prelaunch_steps >= cfg.steps:
         raise ConfigError(f"prelaunch_steps (t) = {adapter.prelaunch_steps} must be less than steps = {cfg.steps}: "
-                          f"{adapter.method} switches after t steps and would never switch")
+                          f"{adapter.method} switches after t steps and would never switch; raise --steps above "
+                          f"{adapter.prelaunch_steps} or lower --prelaunch-steps below {cfg.steps}")
 
 
 def check_against_data(cfg: TrainConfig, task: Any) -> None:
@@ -66,15 +67,13 @@ RESUME_FREE_OPTIONS = ("output_dir", "progress")
 RUN_IDENTITY = ("method", "r", "alpha", "seed", "dash_directions", "init_directions", "selector", "prelaunch_steps")
 
 
-def check_resume_options(out: Path, given: dict[str, Any]) -> None:
-    """Refuse a ``--resume`` given options that differ from the run's saved ones (they would be ignored).
+def check_resume_options(out: Path, saved: dict[str, Any], given: dict[str, Any]) -> None:
+    """Refuse a ``--resume`` of the run in ``out`` (saved options ``saved``) given options that differ from them
+    (they would be ignored).
 
     Raises:
         ConfigError: naming each changed option with its saved and given values.
     """
-    from lora_tsd.app.workflow.outputs import read_run_config
-
-    saved = read_run_config(out).to_dict()
     changed = [f"{name}={short_repr(value)} (saved: {short_repr(saved.get(name))})" for name, value in given.items()
                if name not in RESUME_FREE_OPTIONS and saved.get(name) != value]
     if changed:
