@@ -43,10 +43,7 @@ def option_warnings(cfg: TrainConfig) -> list[str]:
 def data_warnings(cfg: TrainConfig, train_size: int, validation_size: int) -> list[str]:
     """What the loaded splits say the run will not do."""
     warnings = []
-    if 0 < train_size < cfg.batch_size and (cfg.max_train is None or cfg.max_train >= cfg.batch_size):
-        warnings.append(
-            f"the training split has {train_size} examples, fewer than --batch-size {cfg.batch_size}: every batch "
-            f"repeats examples; lower --batch-size to at most {train_size} or give more data")
+    # A training split smaller than a batch is refused by validation.check_against_data before this runs.
     if validation_size == 0 and cfg.eval_interval > 0:
         warnings.append(
             f"the validation split is empty, so --eval-every {cfg.eval_interval} has nothing to score; give more "
