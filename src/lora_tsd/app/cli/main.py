@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="List the embedded tasks: kind, examples and where the data is: "
                                        "extracted (in the cache, ready offline), downloaded (the source archive is in "
                                        "the cache, the task is extracted on first use), download (fetched from PyPI "
-                                       "on first use) or generated (seeded generators, nothing to fetch).")
+                                       "on first use), generated (seeded generators, nothing to fetch) or unavailable "
+                                       "(no pinned source: the BIG-bench archive, see the README).")
     tasks.add_argument("--json", action="store_true", help="machine-readable output")
     tasks.set_defaults(func=cmd_tasks)
 

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from lora_tsd.app.assets.download_cache import cache_dir, find_download, is_complete
+from lora_tsd.app.assets.pins import PINNED_SHA256
 from lora_tsd.app.assets.tasks.base import SPLITS, TASK_KINDS, Example, Task, exact_match
 from lora_tsd.app.assets.tasks.bigbench import BIGBENCH_REQUIREMENT, EMBEDDED_VIEWS, load_bigbench_task
 from lora_tsd.app.assets.tasks.hf import load_hf_task
@@ -119,9 +120,13 @@ def load_task(
 
 def _bigbench_data(path: str) -> str:
     """Where a BIG-bench task's data is: ``extracted`` (its folder is in the cache), ``downloaded`` (the archive is
-    in the cache: extracted in seconds on first use) or ``download`` (the archive is fetched on first use)."""
+    in the cache: extracted in seconds on first use), ``download`` (the archive is fetched on first use) or
+    ``unavailable`` (lora-tsd has no SHA-256 pin for the archive, so it neither fetches nor reads one: the package
+    index stopped serving bigbench==1.0.0 before a digest could be taken)."""
     if is_complete(cache_dir() / "bigbench" / path):
         return "extracted"
+    if BIGBENCH_REQUIREMENT not in PINNED_SHA256:
+        return "unavailable"
     return "downloaded" if find_download(BIGBENCH_REQUIREMENT, sdist=True) is not None else "download"
 
 
@@ -171,7 +176,8 @@ def list_tasks() -> list[dict[str, Any]]:
 
     ``data`` says where the data is: ``extracted`` (ready in the cache), ``downloaded`` (the BIG-bench archive is
     in the cache; the task folder is extracted in seconds on first use), ``download`` (fetched on first use),
-    ``generated`` (reasoning-gym is installed) or ``not installed``. ``cached`` is true when no download is needed.
+    ``unavailable`` (no pinned source), ``generated`` (reasoning-gym is installed) or ``not installed``. ``cached``
+    is true when no download is needed.
     Any other BIG-bench JSON task, reasoning-gym generator, jsonl file or HF dataset works too.
     """
     rows = []
