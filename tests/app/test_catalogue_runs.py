@@ -15,6 +15,7 @@ from catalogue import check_case, snapshot
 from tiny_assets import make_encoder, sentiment_rows, write_jsonl
 
 from lora_tsd.app.cli import main
+from lora_tsd.app.workflow.config import TrainConfig
 from lora_tsd.app.workflow.ownership import OWNER_MARKER
 from lora_tsd.app.workflow.run_folder import LOCK_FILE
 
@@ -220,7 +221,8 @@ def test_lock_file_holds_the_writer_pid_after_a_run(world) -> None:
 
 
 RESUME_CASES = [
-    ("resume-changed-lr", ("--lr", "0.5"), r"--resume continues .* these would be ignored: lr=0.5 \(saved: 0.002\)"),
+    ("resume-changed-lr", ("--lr", "0.5"),
+     rf"--resume continues .* these would be ignored: lr=0.5 \(saved: {TrainConfig().lr}\)"),  # the default lr
     ("resume-changed-rank", ("--rank", "4"), r"these would be ignored: r=4 \(saved: 2\)"),
     ("resume-changed-method", ("--method", "dash"), r"these would be ignored: method='dash' \(saved: 'lora'\)"),
     ("resume-changed-steps", ("--steps", "9"), r"these would be ignored: steps=9 \(saved: 4\)"),
