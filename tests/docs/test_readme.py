@@ -49,8 +49,13 @@ def _python_blocks_after(heading: str) -> list[str]:
 
 def test_readme_states_the_quick_path_facts():
     """The facts a new user needs before the first run, as the code does them (checked by other tests)."""
-    for fact in ("python3 -m venv .venv", "runs/minilm-multiemo-tsd-r8", "80 % train, 10 % validation and 10 % test",
-                 'python -m pytest -m "not integration"', "**into your real cache**", "80 MiB", "342 MiB"):
+    from lora_tsd.app.workflow.config import TrainConfig
+    from lora_tsd.app.workflow.outputs import default_run_name
+
+    default = TrainConfig()
+    for fact in ("python3 -m venv .venv", f"runs/{default_run_name(default)}", default.task,
+                 "80 % train, 10 % validation and 10 % test", 'python -m pytest -m "not integration"',
+                 "**into your real cache**", "80 MiB"):
         assert fact in README, fact
 
 
