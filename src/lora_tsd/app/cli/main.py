@@ -34,7 +34,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from lora_tsd.app.cli import lr_auto_command
+    import lora_tsd.app.cli.lr_auto_command as lr_auto_command
     from lora_tsd.app.workflow.run import run_training
 
     values = train_values(args)
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --output-dir from its newest good checkpoint (or the given "
                             "checkpoint folder); the run's saved options are used")
     add_option_flags(train)
-    from lora_tsd.app.cli import lr_auto_command
+    import lora_tsd.app.cli.lr_auto_command as lr_auto_command
 
     lr_auto_command.add_arguments(train)
     add_verbose_flag(train)
@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
-    from lora_tsd.app.cli import analyze_command, compare_command
+    import lora_tsd.app.cli.analyze_command as analyze_command
+    import lora_tsd.app.cli.compare_command as compare_command
 
     cmp = sub.add_parser("compare", help="a resumable grid of methods × seeds × tasks with tables and plots",
                          description="Train every method × seed × task (× rank, × lr sweep) with the train "
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "estimated TSDs match a full fine-tune's along training.")
     analyze_command.add_arguments(ana)
     ana.set_defaults(func=cmd_analyze)
-    from lora_tsd.app.cli import dreambooth_command as db
+    import lora_tsd.app.cli.dreambooth_command as db
 
     dreambooth = sub.add_parser("dreambooth", help="subject-driven fine-tuning of a diffusers pipeline (DreamBooth)",
                                 description=db.DESCRIPTION)

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lora_tsd.config import short_repr
 from lora_tsd.errors import ConfigError
 
-if TYPE_CHECKING:
-    from lora_tsd.app.workflow.config import TrainConfig
-
+# ``cfg`` below is a TrainConfig, typed Any: config.py calls into this module, so importing it here, even for
+# annotations only, would be an import cycle.
 __all__ = ["MAX_SEED", "check_against_data", "check_checkpoint_belongs", "check_options", "check_resume_options"]
 
 #: Seeds must fit every generator a run seeds (numpy's legacy seeding takes 32 bits).
 MAX_SEED = 2**32 - 1
 
 
-def check_options(cfg: TrainConfig) -> None:
+def check_options(cfg: Any) -> None:
     """Ranges and cross-checks of options that need no data.
 
     Raises:
@@ -44,7 +43,7 @@ def check_options(cfg: TrainConfig) -> None:
                           f"{adapter.prelaunch_steps} or lower --prelaunch-steps below {cfg.steps}")
 
 
-def check_against_data(cfg: TrainConfig, task: Any) -> None:
+def check_against_data(cfg: Any, task: Any) -> None:
     """Options against the loaded task: the micro-batch must fit in the training split.
 
     Raises:
@@ -81,7 +80,7 @@ def check_resume_options(out: Path, saved: dict[str, Any], given: dict[str, Any]
                           f"{'; '.join(changed)}; drop them, or start a new run to change them")
 
 
-def check_checkpoint_belongs(ckpt: Path, cfg: TrainConfig) -> None:
+def check_checkpoint_belongs(ckpt: Path, cfg: Any) -> None:
     """Refuse a checkpoint written by another run (another model, method, rank, seed ...), naming the field.
 
     Raises:
