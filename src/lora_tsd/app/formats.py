@@ -30,3 +30,14 @@ def finite_or_none(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def option_flags(name: str, value: Any) -> list[str]:
+    """The command-line words that set option ``name`` to ``value``: ``--name value``, ``--name v1 v2`` for a
+    list, ``--name`` / ``--no-name`` for a bool, nothing for None (the flag spelling the CLI generates)."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    if isinstance(value, list):
+        return [flag, *map(str, value)]
+    return [] if value is None else [flag, str(value)]

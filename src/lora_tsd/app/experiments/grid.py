@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_tsd.app.formats import slug
+from lora_tsd.app.formats import option_flags, slug
 from lora_tsd.errors import ConfigError
 
 DEFAULT_METHODS = ("lora", "dash", "init", "tsd", "pissa", "milora", "dora")
@@ -178,13 +178,7 @@ def command_line(spec: GridSpec, out: str | Path) -> str:
     if spec.metric != "accuracy":
         parts += ["--metric", spec.metric]
     for key, value in sorted(spec.base.items()):
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            parts += [flag, *map(str, value)]
-        elif value is not None:
-            parts += [flag, str(value)]
+        parts += option_flags(key, value)
     parts += ["--out", str(out)]
     return " ".join(shlex.quote(p) for p in parts)
 

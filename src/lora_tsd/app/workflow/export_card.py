@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_tsd.app.formats import option_flags
 from lora_tsd.app.workflow.config import TrainConfig
 
 
@@ -84,13 +85,7 @@ def train_command(cfg: TrainConfig) -> str:
     for name, value in cfg.to_dict().items():
         if name in ("output_dir", "overwrite", "progress") or value == defaults.get(name):
             continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            words += [flag, *map(str, value)]
-        elif value is not None:
-            words += [flag, str(value)]
+        words += option_flags(name, value)
     return shlex.join(words)
 
 
