@@ -82,13 +82,16 @@ def test_collapse_is_reported_while_training_and_at_the_end(lr_auto):
     out, stdout = lr_auto
     constant = "100.0% of validation examples get the same prediction"
     assert summary(out / "lr_search" / "lr-1")["collapse"] == {"step": STEPS, "since_step": 6, "reason": constant,
-                                                               "lr": 1.0, "remedy_lr": 2e-3}
+                                                               "lr": 1.0, "remedy_lr": 2e-3, "kind": "stuck"}
     lines = stdout.splitlines()
-    # lr 1.0: warned once while training (after a fifth of the run), and at the end.
-    assert lines.count(f"warning: step 18: validation collapsed since step 6: {constant}; lower --lr to 0.002 "
-                       "(this run: 1) or pass --lr auto") == 1
-    assert lines.count(f"warning: this run collapsed from step 6 ({constant}); lower --lr to 0.002 (this run: 1) "
-                       "or pass --lr auto") == 1
+    # lr 1.0 never leaves a one-class prediction: warned once while training (after a fifth of the run), and at
+    # the end.
+    assert lines.count(f"warning: step 18: validation has not left a one-class prediction since step 6 ({constant}); "
+                       "slow starts often leave it later, but if it stays, lower --lr to 0.002 (this run: 1) or pass "
+                       "--lr auto") == 1
+    assert lines.count(f"warning: this run never left a one-class prediction (from step 6: {constant}); lower --lr "
+                       "to 0.002 (this run: 1) or pass --lr auto; if no lr leaves it, the task may be beyond this "
+                       "model") == 1
     # lr 1e-2 is slow to leave the untrained constant prediction: warned, then told it recovered (trial and run).
     assert lines.count("the collapse warned about at step 18 did not last: validation recovered") == 2
     assert summary(out / "lr_search" / "lr-0.01")["collapse"] is None
@@ -163,22 +166,34 @@ def test_collapse_monitor_texts():
         monitor.add_loss(step, 0.7)
     assert monitor.check(10, constant) is None  # warm-up
     assert monitor.check(20, constant) is None  # not yet a fifth of the run
-    assert monitor.check(40, constant) == ("warning: step 40: validation collapsed since step 20: 100.0% of "
-                                           "validation examples get the same prediction; lower --lr to 0.001 "
+    assert monitor.check(40, constant) == ("warning: step 40: validation has not left a one-class prediction since "
+                                           "step 20 (100.0% of validation examples get the same prediction); slow "
+                                           "starts often leave it later, but if it stays, lower --lr to 0.001 "
                                            "(this run: 0.002) or pass --lr auto")
     majority = {"accuracy": 0.7, "top_prediction_share": 0.95, "majority_label_share": 0.7}
     assert monitor.check(100, majority) is None and monitor.collapse["reason"] == (
-        "validation accuracy 70.0% is the majority-class rate 70.0%")
+        "validation accuracy 70.0% is the majority-class rate 70.0%") and monitor.collapse["kind"] == "stuck"
     assert monitor.final_message(exported_step=10) == (
-        "warning: this run collapsed from step 20 (validation accuracy 70.0% is the majority-class rate 70.0%); the "
-        "exported adapter is step 10's, the best validation; lower --lr to 0.001 (this run: 0.002) or pass --lr auto")
+        "warning: this run never left a one-class prediction (from step 20: validation accuracy 70.0% is the "
+        "majority-class rate 70.0%); the exported adapter is step 10's, the best validation; lower --lr to 0.001 "
+        "(this run: 0.002) or pass --lr auto; if no lr leaves it, the task may be beyond this model")
+    learning = {"accuracy": 0.8, "top_prediction_share": 0.6, "majority_label_share": 0.5}
+    # A run that learned and fell back collapsed: the lr is too high.
+    fell_back = CollapseMonitor(lr=2e-3, warmup_steps=10, steps=100)
+    assert fell_back.check(20, learning) is None and fell_back.check(30, constant) is None
+    assert fell_back.check(50, constant) == ("warning: step 50: validation collapsed since step 30: 100.0% of "
+                                             "validation examples get the same prediction; lower --lr to 0.001 "
+                                             "(this run: 0.002) or pass --lr auto")
+    assert fell_back.check(100, constant) is None and fell_back.collapse["kind"] == "collapsed"
+    assert fell_back.final_message(exported_step=20) == (
+        "warning: this run collapsed from step 30 (100.0% of validation examples get the same prediction); the "
+        "exported adapter is step 20's, the best validation; lower --lr to 0.001 (this run: 0.002) or pass --lr auto")
     diverging = CollapseMonitor(lr=5e-4, warmup_steps=0, steps=10)
     for step, loss in enumerate([1.0] * 5 + [3.0] * 5, start=1):
         diverging.add_loss(step, loss)
-    learning = {"accuracy": 0.8, "top_prediction_share": 0.6, "majority_label_share": 0.5}
     assert diverging.check(5, learning) is None and diverging.collapse is None
     assert diverging.check(10, learning) is None and diverging.collapse["reason"] == (
-        "the training loss 3 is 3.0x its start 1")  # the mean since the previous evaluation
+        "the training loss 3 is 3.0x its start 1") and diverging.collapse["kind"] == "collapsed"
     recovered = CollapseMonitor(lr=1.0, warmup_steps=0, steps=10)
     recovered.check(2, constant), recovered.check(4, constant)
     assert recovered.check(10, learning) is None and recovered.collapse is None

@@ -8,6 +8,7 @@ from report.coverage import coverage_table, smollm2_coverage
 from report.headline import grid_section
 from report.paired import tsd_vs_init_gap
 from report.paper import paper_section
+from report.recipe import recipe_section
 from report.spectra import capture_section, dash_share_section, init_start_section, spectrum_section, tasks_section
 from report.sweeps import GRADIENT_NOTE, SWEEP_NOTE, sweep_statement
 
@@ -22,6 +23,7 @@ def render_report() -> str:
         "{coverage}", "\n".join(coverage_table())).replace(
         "{smollm2_coverage}", "\n".join(smollm2_coverage()))
     lines = [head.rstrip(), ""]
+    lines += recipe_section()
     lines += grid_section("minilm-multiemo",
                           "MiniLM on BIG-bench multiemo (2-class sentiment), {ranks}, {methods} methods")
     lines += grid_section(

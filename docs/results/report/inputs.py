@@ -17,6 +17,8 @@ REPORT = HERE.parent / "results.md"
 
 # folder here -> (folder under GRIDS_DIR, files to copy)
 SOURCES = {
+    "recipe-dev": ("recipe-dev", ["results.csv", "results.json", "results.md", "*.png"]),
+    "recipe-eval": ("recipe-eval", ["results.csv", "results.json", "results.md", "*.png"]),
     "minilm-multiemo": ("minilm-multiemo", ["results.csv", "results.json", "results.md", "*.png"]),
     "spectrum-lora": ("spectrum-lora", ["spectrum.json", "spectra_lora-seed0.png", "spectra_sorted_*.png",
                                         "tsd_positions.png", "overlap.png"]),

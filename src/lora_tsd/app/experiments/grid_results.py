@@ -76,7 +76,11 @@ def collect_runs(spec: GridSpec, out: str | Path) -> list[dict[str, Any]]:
             row.update(steps=summary["config"]["steps"], switch_step=summary.get("switch_step"),
                        trainable_parameters=summary["model"]["trainable_parameters"],
                        final_train_loss=final_loss, wall_time_s=summary.get("wall_time_s"), loss_curve=curve,
-                       config=comparable_settings(summary["config"]))
+                       config=comparable_settings(summary["config"]),
+                       # The run ended collapsed (the safeguard's verdict; None for runs made before it existed),
+                       # and how many test examples its accuracy counts (for chance margins).
+                       collapsed=summary["collapse"] is not None if "collapse" in summary else None,
+                       test_examples=summary.get("data", {}).get("sizes", {}).get("test"))
         else:
             row["error"] = json.loads((path / FAILED_FILE).read_text(encoding="utf-8")).get("error")
             marker = path / RUN_MARKER
