@@ -2,13 +2,13 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/fused_step.py [--threads 1] [--reps 30]
 
-One bias-free linear layer ``(out, in)`` with our adapter (rank r, s dash directions; the dash layers in their
-dash phase with random orthonormal directions and the same weights, adapters and c), a batch of
-``batch × seq`` tokens in fp32, one training step = forward, backward of a fixed output gradient, AdamW,
-``lora_tsd.step``. The three variants run interleaved and rotated (warm-up first); prints the median seconds
-of each, the ratios of the medians (in parentheses: the median of the ratios of calls made back to back), and
-the largest output and gradient gaps between the fused and the unfused dash layer. ``--device cuda`` runs the
-same on a GPU (CUDA-event timing).
+One bias-free linear layer ``(out, in)`` with our adapter (rank r, s dash directions; the dash layers in their dash
+phase with random orthonormal directions and the same weights, adapters and c), a batch of ``batch × seq`` tokens in
+fp32 (an input that requires no grad unless ``--input-grad``), one training step = forward, backward of a fixed
+output gradient, AdamW, ``lora_tsd.step``. The three variants run interleaved and rotated (warm-up first); prints
+the median seconds of each, the ratios of the medians (in parentheses: the median of the ratios of calls made back
+to back), and the largest output and gradient gaps between the fused and the unfused dash layer. ``--device cuda``
+runs the same on a GPU (CUDA-event timing).
 """
 
 from __future__ import annotations
@@ -61,19 +61,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--input-grad", action="store_true", help="the input requires grad (a layer above the first)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     b, t = args.batch
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s), fp32, r={args.rank} "
-          f"s={args.dash}, batch {b}x{t} tokens, {args.reps} interleaved reps after {args.warmup} warm-up")
+          f"s={args.dash}, batch {b}x{t} tokens, input grad {args.input_grad}, {args.reps} interleaved reps after "
+          f"{args.warmup} warm-up")
     print("| layer | lora median s | dash unfused median s | dash fused median s | unfused/lora | fused/lora | "
           "fused/unfused | max |Δy| | max |Δgrad| |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         n, m = (int(v) for v in shape.split("x"))
         gen = torch.Generator().manual_seed(n * 7 + m)
-        x = torch.randn(b, t, m, generator=gen).to(device).requires_grad_(True)
+        x = torch.randn(b, t, m, generator=gen).to(device).requires_grad_(args.input_grad)
         g = torch.randn(b, t, n, generator=gen).to(device)
         models = {"lora": build(n, m, "lora", args, device),
                   "dash-unfused": with_impl(build(n, m, "dash", args, device), "unfused"),
