@@ -10,8 +10,9 @@ Precision modes (both run by default, ``--mode`` picks one):
 - ``bf16``: frozen base weights stored in bf16, adapters in fp32 (our default and PEFT's
   ``autocast_adapter_dtype``), no autocast.
 
-Measures: (1) training step (forward + backward of a given output gradient + AdamW) of a dash-phase layer vs a
-plain-LoRA layer of the same rank, with the authors' dense-dash pattern, at 4096×4096 and 11008×4096;
+Measures: (1) training step (forward + backward of a given output gradient + AdamW) of a dash-phase layer (with
+the fused update of ``lora_tsd.fused``, and without it: ``dash-unfused``) vs a plain-LoRA layer of the same rank,
+with the authors' dense-dash pattern, at 4096×4096 and 11008×4096;
 (2) our ``lora`` layer vs PEFT's LoRA layer, and whole 2-layer LLaMA-7B-shaped models (ours vs PEFT, dash vs
 lora), when transformers/peft are importable; (3) the thin SVD of each shape with every cuSOLVER driver, the
 switch of one LLaMA-7B decoder layer's targets (q, k, v, up, down) cold vs Σ(SVD + projections), warm with the

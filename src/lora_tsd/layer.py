@@ -30,8 +30,9 @@ from .config import TSDConfig
 from .directions import ThinSVD
 from .errors import ConfigError
 from .fingerprint import FINGERPRINT_BYTES, fingerprint_tensor, weight_fingerprint
+from .fused import FusedAdapterUpdate, add_update, concat_factors, project
 from .quantized import dense_copy, dequantized_weight, keep_trainable_layout, quantization_kind, requantize
-from .sharding import assign, full
+from .sharding import assign, full, is_sharded
 
 PHASE_PRELAUNCH = 0
 PHASE_SWITCHED = 1
@@ -46,6 +47,10 @@ class TSDLinear(nn.Module):
         config: the adapter's :class:`TSDConfig` (static hyper-parameters, shared by all layers).
         layer_seed: seeds this layer's initialization of A, so attach is deterministic per layer.
     """
+
+    #: Run the update of a layer with a dash term as one autograd node (:mod:`lora_tsd.fused`) where that is the
+    #: same computation (:meth:`_fuses`). Not behavioural state: set it on the class or on one layer to compare.
+    fused: bool = True
 
     def __init__(self, base_layer: nn.Module, config: TSDConfig, layer_seed: int) -> None:
         super().__init__()
@@ -143,21 +148,18 @@ class TSDLinear(nn.Module):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B' (out, r+s), A' (r+s, in))`` with ``B' A'`` = the adapter's update of the *current* base weight."""
-        B = self.lora_B * self.scaling
-        A = self.lora_A
-        if self.dash_c is not None:
-            B = torch.cat([B, self.dash_U * self.dash_c], dim=1)
-            A = torch.cat([A, self.dash_V.T], dim=0)
-        return B, A
+        return concat_factors(self.lora_A, self.lora_B, self.scaling, self.dash_c, self._buffer("dash_U"),
+                              self._buffer("dash_V"))
 
     def full_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`factors` from whole tensors, outside a forward pass (all-gathers FSDP2 shards)."""
-        B = full(self.lora_B) * self.scaling
-        A = full(self.lora_A)
-        if self.dash_c is not None:
-            B = torch.cat([B, self.dash_U * full(self.dash_c)], dim=1)
-            A = torch.cat([A, self.dash_V.T], dim=0)
-        return B, A
+        c = None if self.dash_c is None else full(self.dash_c)
+        return concat_factors(full(self.lora_A), full(self.lora_B), self.scaling, c, self._buffer("dash_U"),
+                              self._buffer("dash_V"))
+
+    def _buffer(self, name: str) -> torch.Tensor | None:
+        """The registered buffer ``name``, or ``None`` when this layer has none (no dash term)."""
+        return self._buffers.get(name)
 
     def original_delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors of the total change relative to the *original* pretrained weight (rank r+s+r_init).
@@ -182,22 +184,32 @@ class TSDLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self._merged:
             return result
-        B, A = self.factors()
-        x = x.to(A.dtype)
+        x = x.to(self.lora_A.dtype)
         if self.carries_init:  # part of the (residual) base: no dropout
             result = result - F.linear(F.linear(x, self.init_A0), self.scaling * self.init_B0).to(result.dtype)
-        if self._switched and self.dash_c is not None and isinstance(self.dropout, nn.Dropout):
-            # Independent masks for the LoRA and the dash term (the authors' code draws two).
-            z = torch.cat([F.linear(self.dropout(x), self.lora_A), F.linear(self.dropout(x), self.dash_V.T)], dim=-1)
-        else:
-            z = F.linear(self.dropout(x), A)  # (..., r+s)
-        if result.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type):
-            # One gemm accumulates B' z into the base output: no (tokens, out) temporary, one pass fewer
-            # (docs/performance.md, "Candidate adapter forwards": CPU fp32 4-9 % faster, 14-16 % less step
-            # memory; under autocast on an H100 it gained nothing, so autocast keeps the two-step path).
-            n = result.shape[-1]
-            return torch.addmm(result.reshape(-1, n), z.reshape(-1, z.shape[-1]), B.T).view(result.shape)
-        return result + F.linear(z, B).to(result.dtype)  # e.g. a bf16 base with fp32 adapters
+        h = self.dropout(x)
+        # After the switch, in training with dropout, the dash term reads its own, independent mask (as the
+        # authors' code draws two); otherwise both terms share h and z = A' h is one gemm.
+        independent = (self._switched and self.dash_c is not None and isinstance(self.dropout, nn.Dropout)
+                       and self.dropout.training)
+        h_dash = self.dropout(x) if independent else None
+        if self._fuses(x):
+            return FusedAdapterUpdate.apply(result, h, h_dash, self.lora_A, self.lora_B, self.dash_c, self.dash_U,
+                                            self.dash_V, self.scaling)
+        B, A = self.factors()
+        return add_update(result, project(h, h_dash, A, self.config.r), B)
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs the update as one autograd node (:class:`~lora_tsd.fused.FusedAdapterUpdate`).
+
+        Only where it is the same computation: a dash term to fuse, gradients recorded (in ``no_grad`` the
+        plain forward is the same ops without the node), no autocast (the node would have to replay autocast's
+        casts in backward) and no DTensor parameters (tensor parallelism: the plain forward lets DTensor
+        dispatch each op).
+        """
+        return (self.fused and self.dash_c is not None and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(x.device.type) and not is_sharded(self.lora_A)
+                and not is_sharded(self.dash_c))
 
     # ---------------------------------------------------------------------------------------- switch
 

@@ -1,6 +1,7 @@
 """Candidate forward implementations of the adapter layer (``--only impl``, not run by default): the current
-``torch.addmm`` forward, the previous two-step forward and an in-place ``addmm_``, compared in a training step of
-lora and dash layers (time, peak memory, output difference). The GPU bench compares the same candidates."""
+forward (``torch.addmm``; with a dash term the fused autograd node of :mod:`lora_tsd.fused`), the same without
+the fused node (``unfused``), the previous two-step forward and an in-place ``addmm_``, compared in a training
+step of lora and dash layers (time, peak memory, output difference). The GPU bench compares the same candidates."""
 
 from __future__ import annotations
 
@@ -61,7 +62,14 @@ class InplaceAddmmTSDLinear(_CandidateTSDLinear):
         return result + torch.nn.functional.linear(z, B).to(result.dtype)
 
 
-IMPLS: dict[str, type[TSDLinear]] = {"current": TSDLinear, "two-step": TwoStepTSDLinear,
+class UnfusedTSDLinear(TSDLinear):
+    """The current forward without the fused autograd node: the update traced op by op by autograd (a lora layer,
+    which has no dash term to fuse, runs the same forward as the current one)."""
+
+    fused = False
+
+
+IMPLS: dict[str, type[TSDLinear]] = {"current": TSDLinear, "unfused": UnfusedTSDLinear, "two-step": TwoStepTSDLinear,
                                      "addmm_": InplaceAddmmTSDLinear}
 
 
@@ -73,7 +81,7 @@ def with_impl(model: nn.Module, impl: str) -> nn.Module:
 
 
 def run_impl(st: Settings) -> str:
-    """Forward implementations (current addmm / previous two-step / in-place addmm) for lora and dash, per layer."""
+    """Forward implementations (current / unfused / previous two-step / in-place addmm) for lora and dash, per layer."""
     lines = [f"Candidate adapter forwards (training step, {st.tokens} tokens, fp32; median s, peak MiB = static "
              "+ step, torch allocator; max |Δy| vs the current forward)", "",
              "| layer | method | impl | median s | min s | peak MiB | time / current | peak / current | max |Δy| |",

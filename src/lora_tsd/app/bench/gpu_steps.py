@@ -130,7 +130,9 @@ def compare(results: GpuResults, title: str, steps: list[TrainStep], clock: Cloc
 
 def layer_section(results: GpuResults, args: argparse.Namespace, device: torch.device, clock: Clock, mode: str,
                   peft_ok: bool) -> None:
-    """Targets 1 and 2 per layer: dash, lora, dense dash and PEFT's LoRA, each shape and token count."""
+    """Targets 1 and 2 per layer: dash (fused update, the default), dash with the unfused update, lora, dense dash and
+    PEFT's LoRA, each shape and token count. Under ``autocast`` the layer keeps the unfused update (so there
+    ``dash`` and ``dash-unfused`` run the same forward)."""
     wdtype, autocast = weight_dtype(mode), autocast_device(mode, device)
     for n, m, tokens, gen, x, g in layer_inputs(args, device, wdtype):
         def one(method: str, n: int = n, m: int = m, gen: torch.Generator = gen) -> torch.nn.Module:
@@ -138,6 +140,7 @@ def layer_section(results: GpuResults, args: argparse.Namespace, device: torch.d
 
         steps = [layer_step("lora", one("lora"), x, g, True, autocast),
                  layer_step("dash", one("dash"), x, g, True, autocast),
+                 layer_step("dash-unfused", with_impl(one("dash"), "unfused"), x, g, True, autocast),
                  layer_step("dense-dash", dense_dash_layer(n, m, args.rank, args.dash, gen, device, wdtype), x, g,
                             False, autocast)]
         if peft_ok:
@@ -145,6 +148,8 @@ def layer_section(results: GpuResults, args: argparse.Namespace, device: torch.d
             steps.append(layer_step("peft-lora", peft, x, g, False, autocast))
         compare(results, f"{mode} layer {n}x{m} {tokens}tok", steps, clock, device, args.reps, args.warmup,
                 [("T1 dash/lora", "dash", "lora", "<=1.03 time, <=1.02 mem"),
+                 ("T1 dash-unfused/lora", "dash-unfused", "lora", "report (before the fused node)"),
+                 ("dash fused/unfused", "dash", "dash-unfused", "report (<1: the fused node helps)"),
                  ("T1 dense-dash/lora", "dense-dash", "lora", ">>1 expected"),
                  ("T2 ours/peft lora", "lora", "peft-lora", "<=1.02")])
         del steps
@@ -153,7 +158,8 @@ def layer_section(results: GpuResults, args: argparse.Namespace, device: torch.d
 
 def impl_section(results: GpuResults, args: argparse.Namespace, device: torch.device, clock: Clock,
                  mode: str) -> None:
-    """Candidate adapter forwards (:data:`.forward_impls.IMPLS`: current, two-step, in-place addmm), lora and dash."""
+    """Candidate adapter forwards (:data:`.forward_impls.IMPLS`: current, unfused, two-step, in-place addmm), lora
+    and dash."""
     wdtype, autocast = weight_dtype(mode), autocast_device(mode, device)
     for n, m, tokens, gen, x, g in layer_inputs(args, device, wdtype):
         steps: list[TrainStep] = []
