@@ -43,6 +43,21 @@ def test_the_contract_fails_on_a_core_module_that_imports_the_application(tmp_pa
     assert "lora_tsd.directions -> lora_tsd.app.cli" in proc.stdout
 
 
+def test_every_core_module_is_under_the_contracts():
+    """A new core module cannot slip past the contracts: each one is a layer of the core contract and a source of
+    the "only torch, safetensors and numpy" contract (trainer_callback aside: it is the transformers integration)."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layered = {name.strip() for c in contracts if c.get("containers") == ["lora_tsd"]
+               for layer in c["layers"] for name in layer.split("|")}
+    forbidden = {m.removeprefix("lora_tsd.") for c in contracts if c["type"] == "forbidden"
+                 for m in c["source_modules"]}
+    modules = {p.stem for p in (ROOT / "src" / "lora_tsd").glob("*.py") if p.stem != "__init__"}
+    assert modules - layered == set(), "core modules missing from the layers contract"
+    assert modules - forbidden == {"trainer_callback"}, "core modules missing from the dependency contract"
+
+
 def test_no_import_cycles():
     """No module reaches itself through imports (the package __init__ files included)."""
     graph = grimp.build_graph("lora_tsd", exclude_type_checking_imports=True)  # annotations are not imports at run time
