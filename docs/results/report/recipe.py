@@ -88,13 +88,25 @@ def recipe_section() -> list[str]:
              "beyond the model and left out of the choice and the check. The rule, fixed before the runs: the "
              "lr with the fewest collapses where the same method and seed learned the task at another lr, then "
              "the best mean validation accuracy over the learned development tasks, then the lower lr. ✓: "
-             "learned.", ""]
+             "learned.", "",
+             "Commands: every run, on two cores side by side, then the merge and this page (`OUT` is any folder):",
+             "", "```bash",
+             "OMP_NUM_THREADS=1 bash docs/results/recipe_protocol.sh OUT 0/2 & "
+             "OMP_NUM_THREADS=1 bash docs/results/recipe_protocol.sh OUT 1/2; wait",
+             "bash docs/results/recipe_protocol.sh OUT merge && python docs/results/build.py --import OUT", "```",
+             ""]
     for name, role in SETS.items():
         results = loaded[name]
-        lines += [f"### {role.capitalize()} tasks", "", "Commands (one grid per task, merged with `--reuse`):", "",
-                  "```bash", inputs.grid_command(results), "```", ""]
+        lines += [f"### {role.capitalize()} tasks", "", "The merged grid (its runs carried from the task grids "
+                  "with `--reuse`):", "", "```bash", inputs.grid_command(results), "```", ""]
         lines += task_table(sets[name], methods, lrs)
         lines += candidate_table(sets[name], methods, lrs)
+    every = [o for runs in sets.values() for o in runs]
+    partial = {m: [t for t in dict.fromkeys(o.task for o in every) if not any(o.task == t and o.method == m
+                                                                              for o in every)] for m in methods}
+    lines += [f"Not run, for the CPU budget (their prompts are the longest, about 3× the cost per step): `{m}` on "
+              + ", ".join(f"`{_short(t)}`" for t in tasks) + "." for m, tasks in partial.items() if tasks]
+    lines += [""] if any(partial.values()) else []
     beyond = ", ".join(f"`{_short(t)}`" for t in check.beyond) or "none"
     failures = [f"`{o.method}` on `{_short(o.task)}` (test {pct(o.test_accuracy)} %, untrained "
                 f"{pct(o.untrained)} %{', collapsed' if o.collapsed else ''})"
