@@ -4,8 +4,9 @@
     PYTHONPATH=src python bench/gpu_scale_check.py --tiny --device cpu   # seconds: a smoke run of every section
 
 Sections (bf16 weights, r = 16, s = 8, all seven projections, batch 4 x 1024 tokens unless --tiny):
-1. per layer: dash (switched) / LoRA training-step time for the 4096x4096, 11008x4096 and 4096x11008 shapes;
-2. whole model (4 decoder layers): dash / LoRA step time, eager and ``torch.compile``-d;
+1. per layer: dash (switched) / LoRA training-step time for the 4096x4096, 11008x4096 and 4096x11008 shapes, with
+   the fused update (``lora_tsd.fused``, the default) and without it ("unfused");
+2. whole model (4 decoder layers): dash / LoRA step time, eager (fused and unfused) and ``torch.compile``-d;
 3. the gradient probe's peak memory, all layers at once vs grouped (``group_size`` = layers / 8), against a
    LoRA step's.
 Prints one JSON object (and writes it to $OUT/gpu_scale_check.json when $OUT is set). Targets of the issue:
@@ -66,6 +67,12 @@ def switched(model: torch.nn.Module) -> None:
             layer.dash_c.fill_(0.01)
 
 
+def unfused(model: torch.nn.Module) -> None:
+    """The plain (autograd-traced) dash update instead of :class:`lora_tsd.fused.FusedAdapterUpdate`, to compare."""
+    for _, layer in lora_tsd.adapted_layers(model):
+        layer.fused = False
+
+
 def train_step(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], None]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -82,11 +89,14 @@ def layer_section(args: argparse.Namespace, device: torch.device, dtype: torch.d
     out = {}
     for shape in ((h, h), (f, h), (h, f)):
         steps = {}
-        for method in ("lora", "dash"):
+        for method in ("lora", "dash", "dash_unfused"):
             layer = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], bias=False, device=device, dtype=dtype))
-            lora_tsd.attach(layer, adapter_config(method, prelaunch_steps=1, target_modules=["0"]))
-            if method == "dash":
+            lora_tsd.attach(layer, adapter_config(method.removesuffix("_unfused"), prelaunch_steps=1,
+                                                  target_modules=["0"]))
+            if method != "lora":
                 switched(layer)
+            if method == "dash_unfused":
+                unfused(layer)
             x = torch.randn(args.tokens, shape[1], device=device, dtype=dtype)
             g = torch.randn(args.tokens, shape[0], device=device, dtype=dtype)
             opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-5)
@@ -99,6 +109,7 @@ def layer_section(args: argparse.Namespace, device: torch.device, dtype: torch.d
             steps[method] = step
         t = median_seconds(steps, args.reps, device)
         out[f"{shape[0]}x{shape[1]}"] = round(t["dash"] / t["lora"], 4)
+        out[f"{shape[0]}x{shape[1]} unfused"] = round(t["dash_unfused"] / t["lora"], 4)
     return out
 
 
@@ -106,17 +117,19 @@ def model_section(args: argparse.Namespace, device: torch.device, dtype: torch.d
     batch = torch.randint(3, args.sizes["vocab_size"], (args.batch, args.seq), device=device)
     steps = {}
     for compiled in (False, True):
-        for method in ("lora", "dash"):
+        for method in ("lora", "dash") + (() if compiled else ("dash_unfused",)):
             model = random_llama({**args.sizes, "num_hidden_layers": args.layers}, seed=0, device=device).to(dtype)
             model.train()
-            lora_tsd.attach(model, adapter_config(method, prelaunch_steps=1))
-            if method == "dash":
+            lora_tsd.attach(model, adapter_config(method.removesuffix("_unfused"), prelaunch_steps=1))
+            if method != "lora":
                 switched(model)
+            if method == "dash_unfused":
+                unfused(model)
             if compiled:
                 model.compile()
             steps[f"{method}{'_compiled' if compiled else ''}"] = train_step(model, batch)
     t = median_seconds(steps, args.reps, device)
-    return {"dash/lora": round(t["dash"] / t["lora"], 4),
+    return {"dash/lora": round(t["dash"] / t["lora"], 4), "dash_unfused/lora": round(t["dash_unfused"] / t["lora"], 4),
             "dash_compiled/lora_compiled": round(t["dash_compiled"] / t["lora_compiled"], 4),
             "dash_compiled/dash": round(t["dash_compiled"] / t["dash"], 4),
             "lora_step_ms": round(1000 * t["lora"], 2), "dash_step_ms": round(1000 * t["dash"], 2)}
