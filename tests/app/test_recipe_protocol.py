@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from lora_tsd.app.experiments.recipe_protocol import Z, choose_lr, harmful_collapses, kept_tasks, outcomes, verdict
+from lora_tsd.app.experiments.recipe_protocol import (
+    Z,
+    choose_lr,
+    harmful_collapses,
+    kept_tasks,
+    outcomes,
+    staged_choice,
+    verdict,
+)
 
 
 def run(task="t", method="lora", lr=1e-3, seed=0, acc=0.8, val=None, top=0.5, majority=0.5, untrained=0.3,
@@ -90,3 +98,21 @@ def test_the_verdict_names_the_harmful_collapses_and_the_runs_that_do_not_beat_t
     assert [(o.task, o.method) for o in good.not_beating] == [("b", "tsd")] and not good.passed
     bad = verdict(runs, 5e-4)
     assert [(o.task, o.lr) for o in bad.harmful] == [("a", 5e-4)] and not bad.passed
+
+
+def test_a_failed_check_chooses_again_on_every_set_seen_and_the_next_set_checks_the_new_lr():
+    dev = outcomes([run(task="d", lr=5e-4, acc=0.82), run(task="d", lr=1e-3, acc=0.80)])
+    # 5e-4 wins on dev by validation, then is stuck at the majority class on e where 1e-3 learns
+    first = outcomes([run(task="e", lr=5e-4, acc=0.5, top=1.0), run(task="e", lr=1e-3, acc=0.9)])
+    second_ok = outcomes([run(task="f", lr=5e-4, acc=0.9), run(task="f", lr=1e-3, acc=0.9)])
+    result = staged_choice([("dev", dev), ("eval", first), ("eval2", second_ok)], [5e-4, 1e-3])
+    assert [(s.lr, s.chosen_on, s.checked_on, s.verdict.passed) for s in result.stages] == [
+        (5e-4, ["dev"], "eval", False), (1e-3, ["dev", "eval"], "eval2", True)]
+    assert result.final == 1e-3 and result.final_chosen_on == ["dev", "eval"] and result.checked
+    # a passed check keeps the lr; a failure on the last set leaves the new choice unchecked
+    kept = staged_choice([("dev", dev), ("eval2", second_ok)], [5e-4, 1e-3])
+    assert kept.final == 5e-4 and kept.checked
+    unchecked = staged_choice([("dev", dev), ("eval", first)], [5e-4, 1e-3])
+    assert unchecked.final == 1e-3 and not unchecked.checked and unchecked.final_chosen_on == ["dev", "eval"]
+    with pytest.raises(ValueError, match="no task set"):
+        staged_choice([], [1e-3])

@@ -23,7 +23,7 @@ import lora_tsd
 from lora_tsd.adapter_io import adapter_state_dict, restore_adapter_state
 from lora_tsd.app.cli import main
 from lora_tsd.app.workflow.best_checkpoint import BEST_STATE
-from lora_tsd.app.workflow.safeguards import CollapseMonitor, remedy_lr
+from lora_tsd.app.workflow.safeguards import CollapseMonitor, higher_lr, remedy_lr
 from lora_tsd.inject import require_adapters
 
 STEPS = 60
@@ -199,6 +199,20 @@ def test_collapse_monitor_texts():
     assert recovered.check(10, learning) is None and recovered.collapse is None
     assert recovered.final_message(10) == "the collapse warned about at step 4 did not last: validation recovered"
     assert remedy_lr(1.0) == 2e-3 and remedy_lr(5e-4) == 5e-5
+    # A stuck run below the highest candidate is offered the next higher one too (measured: 5e-4 never left the
+    # majority class on reasoning-gym binary_alternation, where 1e-3 learned it).
+    slow = CollapseMonitor(lr=5e-4, warmup_steps=0, steps=100)
+    slow.check(20, constant)
+    assert slow.check(40, constant) == ("warning: step 40: validation has not left a one-class prediction since "
+                                        "step 20 (100.0% of validation examples get the same prediction); slow "
+                                        "starts often leave it later, but if it stays, try --lr 0.001 or lower "
+                                        "--lr to 5e-05 (this run: 0.0005), or pass --lr auto")
+    slow.check(100, constant)
+    assert slow.final_message(None) == (
+        "warning: this run never left a one-class prediction (from step 20: 100.0% of validation examples get the "
+        "same prediction); try --lr 0.001 or lower --lr to 5e-05 (this run: 0.0005), or pass --lr auto; if no lr "
+        "leaves it, the task may be beyond this model")
+    assert higher_lr(5e-4) == 1e-3 and higher_lr(2e-3) is None
 
 
 def test_lr_search_flags_are_refused_without_lr_auto(tmp_path, capsys):

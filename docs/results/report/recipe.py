@@ -7,16 +7,18 @@ from lora_tsd.app.experiments.grid import lr_text
 from lora_tsd.app.experiments.grid_report import pct
 from lora_tsd.app.experiments.recipe_protocol import (
     Outcome,
-    choose_lr,
+    Stage,
     harmful_collapses,
     kept_tasks,
     outcomes,
-    verdict,
+    staged_choice,
 )
 from report import inputs
 
 #: folder here -> the role of its tasks
-SETS = {"recipe-dev": "development", "recipe-eval": "evaluation"}
+SETS = {"recipe-dev": "development", "recipe-eval": "evaluation", "recipe-eval2": "second evaluation"}
+#: the sets the section needs; the second evaluation set is shown where it was run
+REQUIRED = ("recipe-dev", "recipe-eval")
 
 
 def _short(task: str) -> str:
@@ -64,15 +66,51 @@ def candidate_table(runs: list[Outcome], methods: list[str], lrs: list[float]) -
     return lines + [""]
 
 
+def _names(sets: list[str]) -> str:
+    return " and ".join(f"{SETS[n]}" for n in sets)
+
+
+def stage_line(stage: Stage) -> str:
+    """The outcome of one check, with every failing run named."""
+    check = stage.verdict
+    beyond = ", ".join(f"`{_short(t)}`" for t in check.beyond) or "none"
+    failures = [f"`{o.method}` on `{_short(o.task)}` (test {pct(o.test_accuracy)} %, untrained "
+                f"{pct(o.untrained)} %{', collapsed' if o.collapsed else ''})"
+                for o in check.harmful + check.not_beating]
+    return (f"**lr {lr_text(stage.lr)}, chosen on the {_names(stage.chosen_on)} tasks, checked on the "
+            f"{SETS[stage.checked_on]} tasks** (beyond the model: {beyond}): "
+            + ("passed: no method collapses where another lr learns the task, and every method's run beats the "
+               "untrained model on every task where any candidate run does." if check.passed else
+               "failed: " + "; ".join(failures) + "."))
+
+
+def coverage_lines(runs: list[Outcome], methods: list[str], lrs: list[float]) -> list[str]:
+    """The method × task × lr runs the protocol left out, one line per method."""
+    tasks = list(dict.fromkeys(o.task for o in runs))
+    have = {(o.task, o.method, o.lr) for o in runs}
+    lines = []
+    for method in methods:
+        missing = []
+        for task in tasks:
+            gone = [lr for lr in lrs if (task, method, lr) not in have]
+            if gone:
+                at = "" if len(gone) == len(lrs) else " at " + ", ".join(lr_text(lr) for lr in gone)
+                missing.append(f"`{_short(task)}`{at}")
+        if missing:
+            lines.append(f"Not run, for the CPU budget (these prompts fill the 128 tokens: about 3× the cost per "
+                         f"step): `{method}` on " + "; ".join(missing) + ".")
+    return lines + [""] if lines else []
+
+
 def recipe_section() -> list[str]:
     loaded = {name: inputs.load(name, "results.json") for name in SETS}
-    if not all(loaded.values()):
+    if not all(loaded[name] for name in REQUIRED):
         return []
+    loaded = {name: results for name, results in loaded.items() if results}
     spec = loaded["recipe-dev"]["spec"]
     methods, lrs = spec["methods"], spec["lrs"]
     sets = {name: outcomes(results["runs"]) for name, results in loaded.items()}
-    chosen = choose_lr(sets["recipe-dev"], lrs)
-    check = verdict(sets["recipe-eval"], chosen)
+    result = staged_choice(list(sets.items()), lrs)
     lines = ["## The default learning rate: chosen on development tasks, checked on evaluation tasks", "",
              f"Protocol (issue 19): MiniLM (all-MiniLM-L6-v2, r = 8) with every default of `lora-tsd train` except "
              f"the task and the lr (seed {', '.join(map(str, spec['seeds']))}; 1,000 training, 200 "
@@ -84,36 +122,34 @@ def recipe_section() -> list[str]:
              "its test accuracy is more than 2 binomial standard errors above both the majority-class rate and "
              "the untrained model; it has **collapsed** (C) when the exported model's test predictions fit the "
              "training safeguard's collapse rule (one class for ≥ 99 % of examples, or the majority-class rate "
-             "with ≥ 90 % on one class) or the run ended collapsed on validation. A task no run learned is "
-             "beyond the model and left out of the choice and the check. The rule, fixed before the runs: the "
-             "lr with the fewest collapses where the same method and seed learned the task at another lr, then "
-             "the best mean validation accuracy over the learned development tasks, then the lower lr. ✓: "
-             "learned.", "",
-             "Commands: every run, on two cores side by side, then the merge and this page (`OUT` is any folder):",
-             "", "```bash",
-             "OMP_NUM_THREADS=1 bash docs/results/recipe_protocol.sh OUT 0/2 & "
-             "OMP_NUM_THREADS=1 bash docs/results/recipe_protocol.sh OUT 1/2; wait",
-             "bash docs/results/recipe_protocol.sh OUT merge && python docs/results/build.py --import OUT", "```",
-             ""]
-    for name, role in SETS.items():
-        results = loaded[name]
-        lines += [f"### {role.capitalize()} tasks", "", "The merged grid (its runs carried from the task grids "
-                  "with `--reuse`):", "", "```bash", inputs.grid_command(results), "```", ""]
+             "with ≥ 90 % on one class) or the run ended collapsed on validation; a run that never left the "
+             "majority class counts as collapsed too. A task no run learned is beyond the model and left out of "
+             "the choice and the check. The rule, fixed before the runs: the lr with the fewest collapses where "
+             "the same method and seed learned the task at another lr, then the best mean validation accuracy "
+             "over the learned development tasks, then the lower lr; the evaluation tasks then check it (no such "
+             "collapse at that lr, and every method beats the untrained model wherever any run does). ✓: "
+             "learned.", ""]
+    if "recipe-eval2" in sets:
+        lines += ["Added after the first check failed (below), before the second evaluation tasks were picked or "
+                  "run: a failed check chooses again by the same rule on every task seen so far (development "
+                  "and evaluation), and a second set of tasks, not used before, checks the new choice. The "
+                  "second evaluation tasks are the remaining reasoning-gym generators with at most 16 answers "
+                  "and the shortest prompts (`course_schedule`, `circuit_logic`).", ""]
+    lines += ["Commands: every run, on two cores side by side, then the merge and this page (`OUT` is any folder):",
+              "", "```bash",
+              "OMP_NUM_THREADS=1 bash docs/results/recipe_protocol.sh OUT 0/2 & "
+              "OMP_NUM_THREADS=1 bash docs/results/recipe_protocol.sh OUT 1/2; wait",
+              "bash docs/results/recipe_protocol.sh OUT merge && python docs/results/build.py --import OUT", "```",
+              ""]
+    for name, results in loaded.items():
+        lines += [f"### {SETS[name].capitalize()} tasks", "", "The merged grid (its runs carried from the task "
+                  "grids with `--reuse`):", "", "```bash", inputs.grid_command(results), "```", ""]
         lines += task_table(sets[name], methods, lrs)
         lines += candidate_table(sets[name], methods, lrs)
-    every = [o for runs in sets.values() for o in runs]
-    partial = {m: [t for t in dict.fromkeys(o.task for o in every) if not any(o.task == t and o.method == m
-                                                                              for o in every)] for m in methods}
-    lines += [f"Not run, for the CPU budget (their prompts are the longest, about 3× the cost per step): `{m}` on "
-              + ", ".join(f"`{_short(t)}`" for t in tasks) + "." for m, tasks in partial.items() if tasks]
-    lines += [""] if any(partial.values()) else []
-    beyond = ", ".join(f"`{_short(t)}`" for t in check.beyond) or "none"
-    failures = [f"`{o.method}` on `{_short(o.task)}` (test {pct(o.test_accuracy)} %, untrained "
-                f"{pct(o.untrained)} %{', collapsed' if o.collapsed else ''})"
-                for o in check.harmful + check.not_beating]
-    lines += [f"**Chosen on the development tasks: lr {lr_text(chosen)}.** On the evaluation tasks at lr "
-              f"{lr_text(chosen)} (beyond the model: {beyond}): "
-              + ("no method collapses where another lr learns the task, and every method's run beats the "
-                 "untrained model on every task where any candidate run does." if check.passed else
-                 "the check fails: " + "; ".join(failures) + "."), ""]
+    lines += coverage_lines([o for runs in sets.values() for o in runs], methods, lrs)
+    for stage in result.stages:
+        lines += [stage_line(stage), ""]
+    status = ("checked" if result.checked else "not checked on tasks it was not chosen on: no unseen set is left")
+    lines += [f"**The protocol's answer: lr {lr_text(result.final)}** (chosen on the "
+              f"{_names(result.final_chosen_on)} tasks; {status}).", ""]
     return lines

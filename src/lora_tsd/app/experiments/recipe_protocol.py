@@ -17,6 +17,10 @@ The choice on the development tasks (:func:`choose_lr`): the fewest harmful coll
 validation accuracy over the kept tasks and all methods, then the lower lr. The verdict on the evaluation tasks
 (:func:`verdict`): at the chosen lr, no harmful collapse, and every method's run beats the untrained model's test
 accuracy on every kept task where any candidate run does.
+
+With more than one evaluation set (:func:`staged_choice`), each set checks the current lr in turn; when a check
+fails, the lr is chosen again by the same rule on every set seen so far (the failed set included) and the next,
+unseen set checks the new choice. The answer is the last lr chosen, and it is checked only if a later set passed it.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from typing import Any
 from lora_tsd.app.workflow.runners import MAJORITY_SHARE, TOP_SHARE
 from lora_tsd.app.workflow.safeguards import collapse_reason
 
-__all__ = ["Z", "Outcome", "Verdict", "choose_lr", "harmful_collapses", "kept_tasks", "outcome", "outcomes",
-           "verdict"]
+__all__ = ["Z", "Outcome", "Stage", "StagedChoice", "Verdict", "choose_lr", "harmful_collapses", "kept_tasks",
+           "outcome", "outcomes", "staged_choice", "verdict"]
 
 #: How many binomial standard errors above the trivial rate a run's test accuracy must be to count as learned
 #: (about a one-sided 2.3 % false-positive rate per run).
@@ -132,3 +136,47 @@ def verdict(runs: Sequence[Outcome], lr: float) -> Verdict:
     return Verdict(lr=lr, kept=kept, beyond=beyond,
                    harmful=[o for o in harmful_collapses(runs) if o.lr == lr and o.task in kept],
                    not_beating=[o for o in at_lr if o.task in beatable and not o.beats_untrained])
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One check of the staged protocol: the lr, the sets it was chosen on, the set that checked it."""
+
+    lr: float
+    chosen_on: list[str]
+    checked_on: str
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class StagedChoice:
+    """Every check in order and the protocol's answer (``checked``: a set passed the final lr)."""
+
+    stages: list[Stage]
+    final: float
+    final_chosen_on: list[str]
+
+    @property
+    def checked(self) -> bool:
+        return bool(self.stages) and self.stages[-1].verdict.passed
+
+
+def staged_choice(sets: Sequence[tuple[str, Sequence[Outcome]]], lrs: Sequence[float]) -> StagedChoice:
+    """Choose on the first named set, check on each later one in turn, choosing again after a failed check.
+
+    Args:
+        sets: (name, runs) pairs: the development set first, then the evaluation sets in the order they are used.
+        lrs: the candidate lrs.
+    """
+    if not sets:
+        raise ValueError("no task set to choose the lr on")
+    chosen_on = [sets[0][0]]
+    lr = choose_lr(sets[0][1], lrs)
+    stages: list[Stage] = []
+    for index, (name, runs) in enumerate(sets[1:], start=1):
+        check = verdict(runs, lr)
+        stages.append(Stage(lr=lr, chosen_on=list(chosen_on), checked_on=name, verdict=check))
+        if not check.passed:
+            chosen_on = [n for n, _ in sets[: index + 1]]
+            lr = choose_lr([o for _, seen in sets[: index + 1] for o in seen], lrs)
+    return StagedChoice(stages=stages, final=lr, final_chosen_on=chosen_on)

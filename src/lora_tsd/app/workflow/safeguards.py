@@ -43,6 +43,14 @@ def remedy_lr(lr: float) -> float:
     return max(lower) if lower else lr / 10
 
 
+def higher_lr(lr: float) -> float | None:
+    """The higher lr to suggest for a run that never left a one-class prediction: the smallest default ``--lr
+    auto`` candidate above it (None above them all). Measured in the default-recipe protocol (docs/results.md):
+    on reasoning-gym binary_alternation, lr 5e-4 never left the majority class where 1e-3 learned the task."""
+    higher = [c for c in LR_CANDIDATES if c > lr]
+    return min(higher) if higher else None
+
+
 def collapse_reason(metrics: dict[str, float], recent_loss: float | None, start_loss: float | None) -> str | None:
     """Why an evaluation (and the training loss since the last one) looks collapsed, or None."""
     top, majority, accuracy = metrics.get(TOP_SHARE), metrics.get(MAJORITY_SHARE), metrics.get("accuracy")
@@ -97,7 +105,7 @@ class CollapseMonitor:
         if self.kind(reason) == "stuck":
             return (f"warning: step {step}: validation has not left a one-class prediction since step "
                     f"{self.streak_start} ({reason}); slow starts often leave it later, but if it stays, "
-                    f"{self.remedy()}")
+                    f"{self.remedy('stuck')}")
         return f"warning: step {step}: validation collapsed since step {self.streak_start}: {reason}; {self.remedy()}"
 
     def kind(self, reason: str) -> str:
@@ -106,8 +114,14 @@ class CollapseMonitor:
         step 100 of 250, then reaches 83 %); ``"collapsed"``: it learned something and fell back, or diverged."""
         return "stuck" if not self.left_start and not reason.startswith("the training loss") else "collapsed"
 
-    def remedy(self) -> str:
-        return f"lower --lr to {remedy_lr(self.lr):g} (this run: {self.lr:g}) or pass --lr auto"
+    def remedy(self, kind: str = "collapsed") -> str:
+        """What to try next: a lower lr; for a run that never started, a higher candidate first where one exists
+        (a run can be stuck because its lr is too low as well as too high)."""
+        lower = f"lower --lr to {remedy_lr(self.lr):g} (this run: {self.lr:g})"
+        up = higher_lr(self.lr)
+        if kind == "stuck" and up is not None:
+            return f"try --lr {up:g} or {lower}, or pass --lr auto"
+        return f"{lower} or pass --lr auto"
 
     def final_message(self, exported_step: int | None) -> str | None:
         """The end-of-run line (None when no collapse was seen)."""
@@ -120,7 +134,7 @@ class CollapseMonitor:
                     if exported_step is not None and exported_step < since else "")
         if self.collapse["kind"] == "stuck":
             return (f"warning: this run never left a one-class prediction (from step {since}: "
-                    f"{self.collapse['reason']}){exported}; {self.remedy()}; if no lr leaves it, the task may be "
+                    f"{self.collapse['reason']}){exported}; {self.remedy('stuck')}; if no lr leaves it, the task may be "
                     "beyond this model")
         return f"warning: this run collapsed from step {since} ({self.collapse['reason']}){exported}; {self.remedy()}"
 
