@@ -3,6 +3,7 @@
 #
 #   bash docs/results/recipe_protocol.sh OUT [I/N]     # train (I/N: 0/2 and 1/2 in two processes)
 #   bash docs/results/recipe_protocol.sh OUT merge     # once every process has finished
+#   bash docs/results/recipe_protocol.sh OUT seeds [I/N]  # later: more seeds where a check failed, then merge
 #
 # OUT: a folder for the grids (one small grid per task × method × lr under OUT/tasks, then OUT/recipe-dev,
 # OUT/recipe-eval and OUT/recipe-eval2). On a 2-core machine run the two processes side by side with
@@ -32,6 +33,19 @@ units() {  # task method lr, one line per run of the protocol
   done
 }
 
+# After the rule answered, more seeds where a check failed: `lora` on the failing tasks, seeds 1 and 2, at the
+# lrs given here (on binary_alternation the two that were in question).
+declare -A SEED_LRS=([circuit_logic]="0.0005 0.001 0.002" [binary_alternation]="0.0005 0.001")
+SEEDS_COMMON=(--model minilm --r 8 --seeds 1 2 --max-eval 200 --no-plots --methods lora)
+if [[ "$ACTION" == seeds ]]; then
+  shard=${3:-0/1}
+  for t in "${!SEED_LRS[@]}"; do
+    # shellcheck disable=SC2086  # the lrs are separate words
+    lora-tsd compare --out "$OUT/seeds/$t-lora" --tasks "reasoning-gym:$t@classification" --lr ${SEED_LRS[$t]} \
+      "${SEEDS_COMMON[@]}" --shard "$shard"
+  done
+  exit 0
+fi
 if [[ "$ACTION" != merge ]]; then
   shard=${ACTION%/*} shards=${ACTION#*/} i=0
   while read -r t m lr; do
@@ -55,3 +69,9 @@ merge() {  # name, then its tasks: one grid over the tasks, its runs carried fro
 merge recipe-dev "${DEV[@]}"
 merge recipe-eval "${EVAL[@]}"
 merge recipe-eval2 "${EVAL2[@]}"
+if compgen -G "$OUT/seeds/*/results.json" > /dev/null; then
+  specs=() reuse=()
+  for t in "${!SEED_LRS[@]}"; do specs+=("reasoning-gym:$t@classification"); done
+  lora-tsd compare --out "$OUT/recipe-seeds" --tasks "${specs[@]}" --methods lora --lr "${LRS[@]}" \
+    --model minilm --r 8 --seeds 1 2 --max-eval 200 --no-plots --reuse "$OUT"/seeds/*/results.json --report-only
+fi

@@ -102,6 +102,40 @@ def coverage_lines(runs: list[Outcome], methods: list[str], lrs: list[float]) ->
     return lines + [""] if lines else []
 
 
+def seed_table(runs: list[Outcome], lrs: list[float]) -> list[str]:
+    """One row per task × method × seed, one column per lr: does a stuck run follow the lr or the seed?"""
+    index = {(o.task, o.method, o.seed, o.lr): o for o in runs}
+    tasks = list(dict.fromkeys(o.task for o in runs))
+    rows = sorted({(o.task, o.method, o.seed) for o in runs}, key=lambda k: (tasks.index(k[0]), k[1], k[2]))
+    lines = ["| task | method | seed | majority | untrained | " + " | ".join(lr_text(lr) for lr in lrs) + " |",
+             "|" + "---|" * (len(lrs) + 5)]
+    for task, method, seed in rows:
+        first = next(o for o in runs if (o.task, o.method, o.seed) == (task, method, seed))
+        lines.append(f"| `{_short(task)}` | {method} | {seed} | {pct(first.majority)} | {pct(first.untrained)} | "
+                     + " | ".join(_cell(index.get((task, method, seed, lr))) for lr in lrs) + " |")
+    lines.append("")
+    for lr in lrs:
+        mine = [o for o in runs if o.lr == lr]
+        if mine:
+            lines.append(f"- lr {lr_text(lr)}: {sum(o.learned for o in mine)} of {len(mine)} runs learned, "
+                         f"{sum(o.collapsed for o in mine)} collapsed.")
+    return lines + [""]
+
+
+def seed_section(seeds: dict, seen: list[Outcome], lrs: list[float]) -> list[str]:
+    """The other-seed runs on the tasks where a check failed, beside the protocol's seed-0 runs of the same kind."""
+    extra = outcomes(seeds["runs"])
+    keys = {(o.task, o.method) for o in extra}
+    runs = [o for o in seen if (o.task, o.method) in keys] + extra
+    return (["### Other seeds where a check failed", "",
+             "Not part of the rule, run after it had answered: is a run that never leaves the majority class the "
+             "lr's doing or the seed's? The failing method on the failing tasks, at the candidate lrs, on more "
+             "seeds (seed 0 from the grids above; the seed also draws the head's initialization and the data "
+             "order, so the untrained model differs per seed). Command (the runs, then the merged grid):", "",
+             "```bash", "OMP_NUM_THREADS=1 bash docs/results/recipe_protocol.sh OUT seeds",
+             inputs.grid_command(seeds), "```", ""] + seed_table(runs, lrs))
+
+
 def recipe_section() -> list[str]:
     loaded = {name: inputs.load(name, "results.json") for name in SETS}
     if not all(loaded[name] for name in REQUIRED):
@@ -149,6 +183,9 @@ def recipe_section() -> list[str]:
     lines += coverage_lines([o for runs in sets.values() for o in runs], methods, lrs)
     for stage in result.stages:
         lines += [stage_line(stage), ""]
+    seeds = inputs.load("recipe-seeds", "results.json")
+    if seeds:
+        lines += seed_section(seeds, [o for runs in sets.values() for o in runs], lrs)
     status = ("checked" if result.checked else "not checked on tasks it was not chosen on: no unseen set is left")
     lines += [f"**The protocol's answer: lr {lr_text(result.final)}** (chosen on the "
               f"{_names(result.final_chosen_on)} tasks; {status}).", ""]
