@@ -77,8 +77,12 @@ class FusedAdapterUpdate(torch.autograd.Function):
     ``result (…, out)`` in any dtype (the returned tensor has it). Gradients: ``result``, ``h``, ``h_dash``,
     ``lora_A``, ``lora_B``, ``dash_c``; none for the frozen ``dash_U``, ``dash_V``.
 
-    Not for autocast (the backward would have to replay autocast's per-op casts; the layer keeps the plain
-    forward there) nor for DTensor parameters (the layer keeps the plain forward for those too).
+    Under autocast the forward runs the same ops with autocast on, as the plain forward does (the scalings and
+    concatenations in the adapters' dtype, the gemms in autocast's dtype), and the backward runs under the
+    forward's autocast state (what ``torch.amp.custom_bwd`` does, for any device type) with each gradient cast to
+    its input's dtype, so the gemms of both passes run in the dtypes the plain forward's autograd would use;
+    ``h`` is saved in autocast's dtype, as autocast's own cast for the gemm would be. Not for DTensor
+    parameters (the layer keeps the plain forward for those).
     """
 
     @staticmethod
@@ -88,13 +92,28 @@ class FusedAdapterUpdate(torch.autograd.Function):
         B, A = concat_factors(lora_A, lora_B, scaling, dash_c, dash_U, dash_V)
         rank = lora_A.shape[0]
         z = project(h, h_dash, A, rank)
+        device = h.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        ctx.input_dtypes = (h.dtype, None if h_dash is None else h_dash.dtype)
+        if ctx.autocast is not None:  # what the gemms read: keep autocast's copies, not the wider inputs
+            h = h.to(ctx.autocast[1])
+            h_dash = None if h_dash is None else h_dash.to(ctx.autocast[1])
         ctx.save_for_backward(h, h_dash, z, A, B, dash_U)
         ctx.scaling, ctx.rank = scaling, rank
         return add_update(result, z, B)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.autocast is None:
+            return FusedAdapterUpdate._backward(ctx, grad_y)
+        device, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype):
+            return FusedAdapterUpdate._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, h_dash, z, A, B, U = ctx.saved_tensors
+        h_dtype, h_dash_dtype = ctx.input_dtypes
         r = ctx.rank
         need = ctx.needs_input_grad  # result, h, h_dash, lora_A, lora_B, dash_c, dash_U, dash_V, scaling
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(B.dtype)  # (N, out)
@@ -104,16 +123,16 @@ class FusedAdapterUpdate(torch.autograd.Function):
             grad_z = g @ B  # (N, r+s)
             if h_dash is None:
                 if need[1]:
-                    grad_h = (grad_z @ A).view(h.shape)
+                    grad_h = (grad_z @ A).view(h.shape).to(h_dtype)
             else:
                 if need[1]:
-                    grad_h = (grad_z[:, :r] @ A[:r]).view(h.shape)
+                    grad_h = (grad_z[:, :r] @ A[:r]).view(h.shape).to(h_dtype)
                 if need[2]:
-                    grad_h_dash = (grad_z[:, r:] @ A[r:]).view(h_dash.shape)
-            if need[3]:
-                grad_A = grad_z[:, :r].T @ h.reshape(-1, h.shape[-1])  # only the LoRA rows of ∂A'
+                    grad_h_dash = (grad_z[:, r:] @ A[r:]).view(h_dash.shape).to(h_dash_dtype)
+            if need[3]:  # only the LoRA rows of ∂A'
+                grad_A = (grad_z[:, :r].T @ h.reshape(-1, h.shape[-1])).to(A.dtype)
         if need[4] or need[5]:
-            grad_Bp = g.T @ z.reshape(-1, z.shape[-1])  # ∂B' (out, r+s)
+            grad_Bp = (g.T @ z.reshape(-1, z.shape[-1])).to(B.dtype)  # ∂B' (out, r+s)
             if need[4]:
                 grad_B = grad_Bp[:, :r] * ctx.scaling
             if need[5]:

@@ -193,22 +193,20 @@ class TSDLinear(nn.Module):
         independent = (self._switched and self.dash_c is not None and isinstance(self.dropout, nn.Dropout)
                        and self.dropout.training)
         h_dash = self.dropout(x) if independent else None
-        if self._fuses(x):
+        if self._fuses():
             return FusedAdapterUpdate.apply(result, h, h_dash, self.lora_A, self.lora_B, self.dash_c, self.dash_U,
                                             self.dash_V, self.scaling)
         B, A = self.factors()
         return add_update(result, project(h, h_dash, A, self.config.r), B)
 
-    def _fuses(self, x: torch.Tensor) -> bool:
+    def _fuses(self) -> bool:
         """Whether this forward runs the update as one autograd node (:class:`~lora_tsd.fused.FusedAdapterUpdate`).
 
         Only where it is the same computation: a dash term to fuse, gradients recorded (in ``no_grad`` the
-        plain forward is the same ops without the node), no autocast (the node would have to replay autocast's
-        casts in backward) and no DTensor parameters (tensor parallelism: the plain forward lets DTensor
-        dispatch each op).
+        plain forward is the same ops without the node) and no DTensor parameters (tensor parallelism: the
+        plain forward lets DTensor dispatch each op). Under autocast the node replays autocast's dtypes.
         """
-        return (self.fused and self.dash_c is not None and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled(x.device.type) and not is_sharded(self.lora_A)
+        return (self.fused and self.dash_c is not None and torch.is_grad_enabled() and not is_sharded(self.lora_A)
                 and not is_sharded(self.dash_c))
 
     # ---------------------------------------------------------------------------------------- switch

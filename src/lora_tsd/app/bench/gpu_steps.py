@@ -131,8 +131,8 @@ def compare(results: GpuResults, title: str, steps: list[TrainStep], clock: Cloc
 def layer_section(results: GpuResults, args: argparse.Namespace, device: torch.device, clock: Clock, mode: str,
                   peft_ok: bool) -> None:
     """Targets 1 and 2 per layer: dash (fused update, the default), dash with the unfused update, lora, dense dash and
-    PEFT's LoRA, each shape and token count. Under ``autocast`` the layer keeps the unfused update (so there
-    ``dash`` and ``dash-unfused`` run the same forward)."""
+    PEFT's LoRA, each shape and token count (in both modes: under ``autocast`` the fused node replays autocast's
+    dtypes)."""
     wdtype, autocast = weight_dtype(mode), autocast_device(mode, device)
     for n, m, tokens, gen, x, g in layer_inputs(args, device, wdtype):
         def one(method: str, n: int = n, m: int = m, gen: torch.Generator = gen) -> torch.nn.Module:
