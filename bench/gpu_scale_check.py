@@ -1,6 +1,6 @@
 """Issue 20's GPU targets in one short run, on random LLaMA-7B-shaped weights (nothing is downloaded).
 
-    PYTHONPATH=src python bench/gpu_scale_check.py                 # sized for < 5 min on an H100/H200 (not yet timed on one)
+    PYTHONPATH=src python bench/gpu_scale_check.py                 # sized for < 5 min on an H100 (untimed)
     PYTHONPATH=src python bench/gpu_scale_check.py --tiny --device cpu   # seconds: a smoke run of every section
 
 Sections (bf16 weights, r = 16, s = 8, all seven projections, batch 4 x 1024 tokens unless --tiny):
