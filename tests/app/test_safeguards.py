@@ -90,8 +90,8 @@ def test_collapse_is_reported_while_training_and_at_the_end(lr_auto):
                        "slow starts often leave it later, but if it stays, lower --lr to 0.002 (this run: 1) or pass "
                        "--lr auto") == 1
     assert lines.count(f"warning: this run never left a one-class prediction (from step 6: {constant}); lower --lr "
-                       "to 0.002 (this run: 1) or pass --lr auto; if no lr leaves it, the task may be beyond this "
-                       "model") == 1
+                       "to 0.002 (this run: 1) or pass --lr auto; another --seed may leave it (measured: "
+                       "docs/results.md); if no lr or seed leaves it, the task may be beyond this model") == 1
     # lr 1e-2 is slow to leave the untrained constant prediction: warned, then told it recovered (trial and run).
     assert lines.count("the collapse warned about at step 18 did not last: validation recovered") == 2
     assert summary(out / "lr_search" / "lr-0.01")["collapse"] is None
@@ -176,7 +176,8 @@ def test_collapse_monitor_texts():
     assert monitor.final_message(exported_step=10) == (
         "warning: this run never left a one-class prediction (from step 20: validation accuracy 70.0% is the "
         "majority-class rate 70.0%); the exported adapter is step 10's, the best validation; lower --lr to 0.001 "
-        "(this run: 0.002) or pass --lr auto; if no lr leaves it, the task may be beyond this model")
+        "(this run: 0.002) or pass --lr auto; another --seed may leave it (measured: docs/results.md); if no lr "
+        "or seed leaves it, the task may be beyond this model")
     learning = {"accuracy": 0.8, "top_prediction_share": 0.6, "majority_label_share": 0.5}
     # A run that learned and fell back collapsed: the lr is too high.
     fell_back = CollapseMonitor(lr=2e-3, warmup_steps=10, steps=100)
@@ -210,8 +211,9 @@ def test_collapse_monitor_texts():
     slow.check(100, constant)
     assert slow.final_message(None) == (
         "warning: this run never left a one-class prediction (from step 20: 100.0% of validation examples get the "
-        "same prediction); try --lr 0.001 or lower --lr to 5e-05 (this run: 0.0005), or pass --lr auto; if no lr "
-        "leaves it, the task may be beyond this model")
+        "same prediction); try --lr 0.001 or lower --lr to 5e-05 (this run: 0.0005), or pass --lr auto; another "
+        "--seed may leave it (measured: docs/results.md); if no lr or seed leaves it, the task may be beyond this "
+        "model")
     assert higher_lr(5e-4) == 1e-3 and higher_lr(2e-3) is None
 
 

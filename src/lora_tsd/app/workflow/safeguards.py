@@ -135,7 +135,8 @@ class CollapseMonitor:
         if self.collapse["kind"] == "stuck":
             return (f"warning: this run never left a one-class prediction (from step {since}: "
                     f"{self.collapse['reason']}){exported}; {self.remedy('stuck')}; "
-                    "if no lr leaves it, the task may be beyond this model")
+                    "another --seed may leave it (measured: docs/results.md); if no lr or seed leaves it, the "
+                    "task may be beyond this model")
         return f"warning: this run collapsed from step {since} ({self.collapse['reason']}){exported}; {self.remedy()}"
 
     def replay(self, records: list[dict[str, Any]]) -> None:
