@@ -4,6 +4,7 @@
 #   bash docs/results/recipe_protocol.sh OUT [I/N]     # train (I/N: 0/2 and 1/2 in two processes)
 #   bash docs/results/recipe_protocol.sh OUT merge     # once every process has finished
 #   bash docs/results/recipe_protocol.sh OUT seeds [I/N]  # later: more seeds where a check failed, then merge
+#   bash docs/results/recipe_protocol.sh OUT restarts [I/N]  # later: the restart of each stuck run, then merge
 #
 # OUT: a folder for the grids (one small grid per task × method × lr under OUT/tasks, then OUT/recipe-dev,
 # OUT/recipe-eval and OUT/recipe-eval2). On a 2-core machine run the two processes side by side with
@@ -46,6 +47,21 @@ if [[ "$ACTION" == seeds ]]; then
   done
   exit 0
 fi
+# `lora-tsd train --stuck-restarts 1` (the default since): a run that ended stuck is trained again with seed + 1000.
+# The restarts of the evaluation runs at the chosen lr that ended stuck: task method seed.
+RESTARTS=("circuit_logic lora 0" "binary_alternation lora 1" "binary_alternation lora 2" "maze lora 0" "maze tsd 0"
+          "self_reference lora 0" "self_reference tsd 0")
+if [[ "$ACTION" == restarts ]]; then
+  shard=${3:-0/1} i=0
+  for unit in "${RESTARTS[@]}"; do
+    read -r t m s <<< "$unit"
+    if (( i++ % ${shard#*/} == ${shard%/*} )); then
+      lora-tsd compare --out "$OUT/restarts/$t-$m-s$((s + 1000))" --tasks "reasoning-gym:$t@classification" \
+        --methods "$m" --lr 0.001 --seeds $((s + 1000)) --model minilm --r 8 --max-eval 200 --no-plots
+    fi
+  done
+  exit 0
+fi
 if [[ "$ACTION" != merge ]]; then
   shard=${ACTION%/*} shards=${ACTION#*/} i=0
   while read -r t m lr; do
@@ -74,4 +90,9 @@ if compgen -G "$OUT/seeds/*/results.json" > /dev/null; then
   for t in "${!SEED_LRS[@]}"; do specs+=("reasoning-gym:$t@classification"); done
   lora-tsd compare --out "$OUT/recipe-seeds" --tasks "${specs[@]}" --methods lora --lr "${LRS[@]}" \
     --model minilm --r 8 --seeds 1 2 --max-eval 200 --no-plots --reuse "$OUT"/seeds/*/results.json --report-only
+fi
+if compgen -G "$OUT/restarts/*/results.json" > /dev/null; then
+  lora-tsd compare --out "$OUT/recipe-restarts" --tasks reasoning-gym:{circuit_logic,binary_alternation,maze,self_reference}@classification \
+    --methods lora tsd --lr 0.001 --model minilm --r 8 --seeds 1000 1001 1002 --max-eval 200 --no-plots \
+    --reuse "$OUT"/restarts/*/results.json --report-only
 fi

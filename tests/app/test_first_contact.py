@@ -132,7 +132,7 @@ def test_a_run_that_would_never_switch_is_refused_with_the_fix(tmp_path, assets,
 OUR_LINES = re.compile(r"^(run folder: |untrained |gradient probe |trained |outputs in |lora-tsd train: warning: |"
                        r"tsd r=8: |step \d+: validation accuracy |restored the best validation checkpoint: |"
                        r"warning: (step \d+: validation (collapsed|has not left)|this run (collapsed|never left))|"
-                       r"the collapse warned about )")
+                       r"the collapse warned about |restart \d+ of \d+: the run never left |restarts: seed )")
 
 
 def console_of(assets, tmp_path, *extra):

@@ -14,6 +14,7 @@ from lora_tsd.app.experiments.recipe_protocol import (
     outcomes,
     staged_choice,
     verdict,
+    with_restarts,
 )
 
 
@@ -116,3 +117,23 @@ def test_a_failed_check_chooses_again_on_every_set_seen_and_the_next_set_checks_
     assert unchecked.final == 1e-3 and not unchecked.checked and unchecked.final_chosen_on == ["dev", "eval"]
     with pytest.raises(ValueError, match="no task set"):
         staged_choice([], [1e-3])
+
+
+def test_a_run_that_ended_collapsed_is_replaced_by_its_restart_where_that_ranks_higher():
+    """As ``lora-tsd train --stuck-restarts 1`` exports: the restart (seed + 1000) replaces a run that ended
+    collapsed when it is not collapsed or has the higher validation accuracy; a tie keeps the first run."""
+    runs = outcomes([run(acc=0.66, val=0.66, top=1.0, majority=0.66, ended=True),  # stuck, restart learns
+                     run(method="tsd", acc=0.5, val=0.5, top=1.0, ended=True),  # stuck, restart stuck: tie
+                     run(task="u", acc=0.9, val=0.9),  # learned: never replaced
+                     run(task="v", acc=0.5, val=0.5, top=1.0, ended=True)])  # no restart run
+    restarts = outcomes([run(seed=1000, acc=0.785, val=0.775, top=0.85, majority=0.66),
+                         run(method="tsd", seed=1000, acc=0.4, val=0.5, top=1.0, ended=True),
+                         run(task="u", seed=1000, acc=0.95, val=0.95),
+                         run(task="v", seed=1001, acc=0.9, val=0.9)])  # another seed's restart
+    replaced, tie, learned, alone = with_restarts(runs, restarts)
+    assert replaced.seed == 0 and replaced.restart_seed == 1000 and replaced.test_accuracy == 0.785
+    assert replaced.learned and not replaced.collapsed
+    assert (tie, learned, alone) == tuple(runs[1:]) and tie.restart_seed is None
+    # the verdict sees the restarted run: the collapse that was harmful at 1e-3 is gone
+    other = outcomes([run(lr=2e-3, acc=0.785, val=0.775, majority=0.66)])
+    assert verdict(runs[:1] + other, 1e-3).harmful and not verdict([replaced] + other, 1e-3).harmful

@@ -21,6 +21,7 @@ SOURCES = {
     "recipe-eval": ("recipe-eval", ["results.csv", "results.json", "results.md", "*.png"]),
     "recipe-eval2": ("recipe-eval2", ["results.csv", "results.json", "results.md", "*.png"]),
     "recipe-seeds": ("recipe-seeds", ["results.csv", "results.json", "results.md", "*.png"]),
+    "recipe-restarts": ("recipe-restarts", ["results.csv", "results.json", "results.md", "*.png"]),
     "minilm-multiemo": ("minilm-multiemo", ["results.csv", "results.json", "results.md", "*.png"]),
     "spectrum-lora": ("spectrum-lora", ["spectrum.json", "spectra_lora-seed0.png", "spectra_sorted_*.png",
                                         "tsd_positions.png", "overlap.png"]),

@@ -29,9 +29,9 @@ def check_flags(args: argparse.Namespace, values: dict[str, Any]) -> bool:
     return auto
 
 
-def run_lr_auto(args: argparse.Namespace, values: dict[str, Any]) -> int:
+def run_lr_auto(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
+    """The search, then the full run (``cfg``'s lr is replaced by the chosen one); its summary."""
     from lora_tsd.app.experiments.lr_search import train_with_lr_search
 
-    cfg = TrainConfig.from_dict({k: v for k, v in values.items() if k != "lr"})
-    train_with_lr_search(cfg, candidates=args.lr_candidates or LR_CANDIDATES, search_steps=args.lr_search_steps)
-    return 0
+    return train_with_lr_search(cfg, candidates=args.lr_candidates or LR_CANDIDATES,
+                                search_steps=args.lr_search_steps)

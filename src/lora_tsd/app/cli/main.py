@@ -9,8 +9,10 @@ output folder); 1 bad input data, missing assets or a failed run. Errors print o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from lora_tsd.app.cli.console import add_verbose_flag, configure_console
@@ -35,13 +37,16 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import lora_tsd.app.cli.lr_auto_command as lr_auto_command
+    from lora_tsd.app.workflow.restarts import train_with_restarts
     from lora_tsd.app.workflow.run import run_training
 
     values = train_values(args)
-    if lr_auto_command.check_flags(args, values):
-        return lr_auto_command.run_lr_auto(args, values)
-    cfg = TrainConfig.from_dict(values)
-    if args.resume is not None:
+    auto = lr_auto_command.check_flags(args, values)
+    cfg = TrainConfig.from_dict({k: v for k, v in values.items() if not (auto and k == "lr")})
+    first: Callable[[TrainConfig], dict[str, Any]] = run_training
+    if auto:
+        first = functools.partial(lr_auto_command.run_lr_auto, args)
+    elif args.resume is not None:
         from pathlib import Path
 
         from lora_tsd.app.workflow.outputs import read_run_config
@@ -52,9 +57,9 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         given = {**(load_config_file(args.config) if args.config else {}), **option_values(args)}
         saved = read_run_config(cfg.output_dir).to_dict()
         check_resume_options(Path(cfg.output_dir), saved, given)  # options a resume would ignore are refused
-        run_training(cfg, resume=True, resume_from=None if args.resume == "latest" else args.resume)
-    else:
-        run_training(cfg)
+        first = functools.partial(run_training, resume=True,
+                                  resume_from=None if args.resume == "latest" else args.resume)
+    train_with_restarts(cfg, args.stuck_restarts, first)
     return 0
 
 
@@ -171,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     import lora_tsd.app.cli.lr_auto_command as lr_auto_command
 
     lr_auto_command.add_arguments(train)
+    from lora_tsd.app.workflow.restarts import DEFAULT_RESTARTS
+
+    train.add_argument("--stuck-restarts", type=int, default=DEFAULT_RESTARTS, metavar="N",
+                       help="when the run ends stuck (validation never left a one-class prediction), train it "
+                            "again with seed +1000, +2000, ... up to N times and export the best on validation; "
+                            f"the others are kept in <run>/restarts/ (default: {DEFAULT_RESTARTS}; 0: never)")
     add_verbose_flag(train)
     train.set_defaults(func=cmd_train)
 

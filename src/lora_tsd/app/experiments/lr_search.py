@@ -25,7 +25,7 @@ from typing import Any
 
 from lora_tsd.app.formats import slug
 from lora_tsd.app.workflow.config import LR_CANDIDATES, TrainConfig
-from lora_tsd.app.workflow.outputs import check_output_dir
+from lora_tsd.app.workflow.outputs import check_output_dir, new_run_folder
 from lora_tsd.atomic import atomic_write_json
 from lora_tsd.errors import ConfigError
 
@@ -81,7 +81,9 @@ def train_with_lr_search(cfg: TrainConfig, candidates: Sequence[float] = LR_CAND
         from lora_tsd.app.workflow.run import run_training as train
     check_candidates(candidates, search_steps)
     steps = search_steps or default_search_steps(cfg.steps)
-    out = Path(cfg.output_dir)
+    if cfg.output_dir is None:  # the default folder, named before the trials create anything beside it
+        cfg = cfg.with_options(output_dir=str(new_run_folder(cfg)))
+    out = Path(str(cfg.output_dir))
     check_output_dir(out, cfg.overwrite)  # refuse before spending the sweep
     out.parent.mkdir(parents=True, exist_ok=True)
     trials_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.lr-search-", dir=out.parent))

@@ -21,20 +21,26 @@ accuracy on every kept task where any candidate run does.
 With more than one evaluation set (:func:`staged_choice`), each set checks the current lr in turn; when a check
 fails, the lr is chosen again by the same rule on every set seen so far (the failed set included) and the next,
 unseen set checks the new choice. The answer is the last lr chosen, and it is checked only if a later set passed it.
+
+With ``lora-tsd train``'s restart of a stuck run (:mod:`~lora_tsd.app.workflow.restarts`), a run that ended
+collapsed is replaced by its restart (the same task, method and lr with seed + 1000) when the restart ranks
+higher on validation, as the command ranks them (:func:`with_restarts`); the verdict is then taken again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lora_tsd.app.workflow.restarts import restart_seed
 from lora_tsd.app.workflow.runners import MAJORITY_SHARE, TOP_SHARE
 from lora_tsd.app.workflow.safeguards import collapse_reason
 
 __all__ = ["Z", "Outcome", "Stage", "StagedChoice", "Verdict", "choose_lr", "harmful_collapses", "kept_tasks",
-           "outcome", "outcomes", "staged_choice", "verdict"]
+           "outcome", "outcomes", "staged_choice", "verdict", "with_restarts"]
 
 #: How many binomial standard errors above the trivial rate a run's test accuracy must be to count as learned
 #: (about a one-sided 2.3 % false-positive rate per run).
@@ -56,6 +62,7 @@ class Outcome:
     learned: bool
     collapsed: bool
     ended_collapsed: bool  # the training safeguard's verdict at the final evaluation
+    restart_seed: int | None = None  # the seed of the restart that replaced this run (with_restarts)
 
     @property
     def beats_untrained(self) -> bool:
@@ -180,3 +187,21 @@ def staged_choice(sets: Sequence[tuple[str, Sequence[Outcome]]], lrs: Sequence[f
             chosen_on = [n for n, _ in sets[: index + 1]]
             lr = choose_lr([o for _, seen in sets[: index + 1] for o in seen], lrs)
     return StagedChoice(stages=stages, final=lr, final_chosen_on=chosen_on)
+
+
+def with_restarts(runs: Sequence[Outcome], restarts: Sequence[Outcome]) -> list[Outcome]:
+    """``runs`` with each run that ended collapsed replaced by its first restart where that ranks higher (not
+    collapsed, then validation accuracy; the first run wins a tie), as ``lora-tsd train --stuck-restarts 1``
+    exports it. A replaced run keeps its seed (the seed asked for) and names the restart's in ``restart_seed``."""
+    index = {(o.task, o.method, o.lr, o.seed): o for o in restarts}
+
+    def rank(o: Outcome) -> tuple[bool, float]:
+        return not o.ended_collapsed, o.val_accuracy
+
+    kept = []
+    for o in runs:
+        restart = index.get((o.task, o.method, o.lr, restart_seed(o.seed, 1)))
+        if o.ended_collapsed and restart is not None and rank(restart) > rank(o):
+            o = dataclasses.replace(restart, seed=o.seed, restart_seed=restart.seed)
+        kept.append(o)
+    return kept

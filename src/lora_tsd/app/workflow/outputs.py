@@ -12,6 +12,7 @@ Layout::
                                      test evaluation completes)
     <output_dir>/best_state.safetensors  the best validation state (restored at the end; best_checkpoint.py)
     <output_dir>/lr_search/          the trial runs of --lr auto (app/experiments/lr_search.py)
+    <output_dir>/restarts/seed-S/    the attempts of a stuck run that were not exported (restarts.py)
 """
 
 from __future__ import annotations
