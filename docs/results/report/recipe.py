@@ -15,6 +15,7 @@ from lora_tsd.app.experiments.recipe_protocol import (
     verdict,
     with_restarts,
 )
+from lora_tsd.app.workflow.restarts import restart_seed
 from report import inputs
 
 #: folder here -> the role of its tasks
@@ -156,7 +157,8 @@ def restart_section(restarts: dict, sets: dict[str, list[Outcome]], seeds: list[
              "| exported |", "|---|---|---|---|---|---|---|"]
     seen = [o for runs in sets.values() for o in runs] + seeds
     for r in extra:
-        first = next(o for o in seen if (o.task, o.method, o.lr, o.seed) == (r.task, r.method, r.lr, r.seed - 1000))
+        first = next(o for o in seen if (o.task, o.method, o.lr) == (r.task, r.method, r.lr)
+                     and restart_seed(o.seed, 1) == r.seed)
         kept = with_restarts([first], [r])[0]
         lines.append(f"| `{_short(r.task)}` | {r.method} | {first.seed} | {_cell(first)} ({pct(first.val_accuracy)})"
                      f" | {r.seed} | {_cell(r)} ({pct(r.val_accuracy)}) | "
@@ -238,8 +240,7 @@ def recipe_section() -> list[str]:
         lines += seed_section(seeds, [o for runs in sets.values() for o in runs], lrs)
     restarts = inputs.load("recipe-restarts", "results.json")
     if restarts:
-        lines += restart_section(restarts, {n: r for n, r in sets.items()},
-                                 outcomes(seeds["runs"]) if seeds else [], result.final)
+        lines += restart_section(restarts, sets, outcomes(seeds["runs"]) if seeds else [], result.final)
     status = ("checked" if result.checked else "not checked on tasks it was not chosen on: no unseen set is left")
     lines += [f"**The protocol's answer: lr {lr_text(result.final)}** (chosen on the "
               f"{_names(result.final_chosen_on)} tasks; {status}).", ""]

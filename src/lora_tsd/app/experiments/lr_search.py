@@ -26,6 +26,7 @@ from typing import Any
 from lora_tsd.app.formats import slug
 from lora_tsd.app.workflow.config import LR_CANDIDATES, TrainConfig
 from lora_tsd.app.workflow.outputs import check_output_dir, new_run_folder
+from lora_tsd.app.workflow.restarts import attempt_rank
 from lora_tsd.atomic import atomic_write_json
 from lora_tsd.errors import ConfigError
 
@@ -40,7 +41,7 @@ class Trial:
     wall_time_s: float
 
     def rank_key(self) -> tuple[bool, float, float]:
-        return (not self.collapsed, self.validation_accuracy or 0.0, -self.lr)
+        return (*attempt_rank(self.collapsed, self.validation_accuracy), -self.lr)  # then the lower lr
 
     def to_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "validation_accuracy": self.validation_accuracy, "collapsed": self.collapsed,

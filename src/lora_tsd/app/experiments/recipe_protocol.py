@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lora_tsd.app.workflow.restarts import restart_seed
+from lora_tsd.app.workflow.restarts import attempt_rank, restart_seed
 from lora_tsd.app.workflow.runners import MAJORITY_SHARE, TOP_SHARE
 from lora_tsd.app.workflow.safeguards import collapse_reason
 
@@ -196,7 +196,7 @@ def with_restarts(runs: Sequence[Outcome], restarts: Sequence[Outcome]) -> list[
     index = {(o.task, o.method, o.lr, o.seed): o for o in restarts}
 
     def rank(o: Outcome) -> tuple[bool, float]:
-        return not o.ended_collapsed, o.val_accuracy
+        return attempt_rank(o.ended_collapsed, o.val_accuracy)
 
     kept = []
     for o in runs:

@@ -49,9 +49,15 @@ def is_stuck(summary: dict[str, Any]) -> bool:
     return collapse is not None and collapse.get("kind") == "stuck"
 
 
+def attempt_rank(collapsed: bool, validation: float | None) -> tuple[bool, float]:
+    """How runs of one task are ranked wherever one of them is kept (a restart, an ``--lr auto`` trial, the
+    protocol's replay of restarts); higher is better: not collapsed, then the validation accuracy."""
+    return not collapsed, validation or 0.0
+
+
 def rank_key(summary: dict[str, Any]) -> tuple[bool, float]:
-    """Higher is better: not collapsed, then the exported validation accuracy."""
-    return summary.get("collapse") is None, summary.get("exported", {}).get("validation") or 0.0
+    """:func:`attempt_rank` of a finished run's summary (its exported validation accuracy)."""
+    return attempt_rank(summary.get("collapse") is not None, summary.get("exported", {}).get("validation"))
 
 
 def check_restarts(restarts: int) -> None:
@@ -88,7 +94,7 @@ def train_with_restarts(cfg: TrainConfig, restarts: int, first: Callable[[TrainC
     out = Path(str(chosen[0]))
     summary = _read(summary, out)
     kept = TrainConfig.from_dict(summary["config"])
-    attempts = [_attempt(summary, out)]
+    attempts = [_attempt(summary)]
     for k in range(1, restarts + 1):
         if not is_stuck(summary):
             break
@@ -98,7 +104,7 @@ def train_with_restarts(cfg: TrainConfig, restarts: int, first: Callable[[TrainC
             say(f"restart {k} of {restarts}: the run never left a one-class prediction; training it again with "
                 f"seed {seed} (the same options and data split; --stuck-restarts 0 turns this off)")
         restart = _read(train(kept.with_options(seed=seed, output_dir=str(folder), overwrite=True)), folder)
-        attempts.append(_attempt(restart, folder))
+        attempts.append(_attempt(restart))
         if rank_key(restart) > rank_key(summary):
             if state.is_main_process:
                 _promote(out, folder, previous_seed=summary["config"]["seed"])
@@ -123,10 +129,11 @@ def _read(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
     return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
 
 
-def _attempt(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _attempt(summary: dict[str, Any]) -> dict[str, Any]:
+    """One attempt's record for ``summary.json`` (its folder is added once the kept one is known)."""
     collapse = summary.get("collapse")
     return {"seed": summary["config"]["seed"], "validation_accuracy": summary["exported"]["validation"],
-            "collapse": None if collapse is None else collapse["kind"], "folder": str(folder)}
+            "collapse": None if collapse is None else collapse["kind"]}
 
 
 def _promote(out: Path, folder: Path, previous_seed: int) -> None:
